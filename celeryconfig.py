@@ -1,0 +1,48 @@
+"""Celery settings of the bus (lowercase names), read from the environment.
+
+Every value that differs from Celery's default says why. `project/app.py` loads this
+module; `project/settings.py` documents the environment variables.
+"""
+import os
+
+from project.settings import load
+
+_settings = load()
+
+broker_url = _settings.broker_url
+result_backend = _settings.result_backend
+result_extended = True  # results keep task name and args: readable in Flower and `bus` tools
+
+# JSON only: a pickled message is refused by the worker and dead-lettered, never run.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# Crash safety: ack after the handler's transaction committed, and give a message back
+# when the worker process running it dies (SIGKILL, OOM), so it is redelivered.
+task_acks_late = True
+task_reject_on_worker_lost = True
+# A failed task is final (its outcome is stored and dead-lettered by the bus): ack it.
+task_acks_on_failure = True
+# One message reserved per process: a slow handler does not hold others hostage, and a
+# killed worker has at most one in-flight message per process to redeliver.
+worker_prefetch_multiplier = int(os.environ.get("BUS_PREFETCH", "1"))
+# Redis redelivers an unacked message only after this many seconds (RabbitMQ at once on
+# connection loss). It must exceed the longest handler run, or a slow message runs twice
+# (harmless: the idempotency claim absorbs it, but it costs). Recovery after a whole-worker
+# SIGKILL on Redis takes up to this long.
+broker_transport_options = {"visibility_timeout": int(os.environ.get("BUS_VISIBILITY_TIMEOUT", "300"))}
+broker_connection_retry_on_startup = True
+
+# Operators watch the bus in Flower.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+# The modules that bind handlers to the bus (tasks/); another deployment lists its own.
+include = [m for m in os.environ.get(
+    "BUS_TASK_MODULES", "tasks.orders,tasks.accounts").split(",") if m]
+
+# The bus's consumer: dead-letters undecodable, unknown and refused messages.
+worker_consumer = "project.consumer:BusConsumer"

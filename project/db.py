@@ -1,0 +1,111 @@
+"""Database access: one engine per process, and the bus's own tables.
+
+Engines are created lazily and forgotten in a forked child (`worker_process_init`), so
+no connection is ever shared across a fork. SQLite runs in WAL mode and opens every
+write transaction with BEGIN IMMEDIATE: concurrent claims queue on the write lock
+instead of failing with "database is locked" halfway through.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from datetime import datetime, timezone
+
+from sqlalchemy import (JSON, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, Text,
+                        UniqueConstraint, create_engine, event)
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+#: one row per (command, idempotency key): the claim, then the outcome
+commands = Table(
+    "bus_commands", metadata,
+    Column("task", String(200), primary_key=True),
+    Column("key", String(500), primary_key=True),
+    Column("payload_hash", String(64), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("result", JSON),
+    Column("error_type", String(300)),
+    Column("error_message", Text),
+    Column("message_id", String(64), nullable=False),
+    Column("duplicates", Integer, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False, default=utcnow, index=True),
+    Column("finished_at", DateTime(timezone=True)),
+)
+
+#: messages that could not be processed, kept byte-exact with the reason
+dead_letters = Table(
+    "bus_dead_letters", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", String(64)),
+    Column("task", String(200)),
+    Column("queue", String(200)),
+    Column("boundary", String(100)),
+    Column("reason", String(40), nullable=False, index=True),
+    Column("error", Text),
+    Column("traceback", Text),
+    Column("headers", JSON),
+    Column("body", LargeBinary),
+    Column("content_type", String(100)),
+    Column("content_encoding", String(50)),
+    Column("attempts", Integer, nullable=False, default=1),
+    Column("correlation_id", String(64)),
+    Column("first_failed_at", DateTime(timezone=True), nullable=False, default=utcnow),
+    Column("last_failed_at", DateTime(timezone=True), nullable=False, default=utcnow),
+    UniqueConstraint("message_id", "task", "reason", name="uq_dead_letter_message"),
+)
+
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+_pid = os.getpid()
+
+
+def engine_for(url: str) -> Engine:
+    """The engine of this process for `url` (created on first use)."""
+    global _pid
+    with _lock:
+        if os.getpid() != _pid:  # forked: never reuse the parent's pool
+            for inherited in _engines.values():
+                inherited.dispose(close=False)
+            _engines.clear()
+            _pid = os.getpid()
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = _create(url)
+        return engine
+
+
+def _create(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 60})
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _sqlite_connect(dbapi_connection, _record) -> None:
+    dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_begin(connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def forget_engines() -> None:
+    """Drop this process's engines without closing the parent's connections."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose(close=False)
+        _engines.clear()

@@ -1,0 +1,88 @@
+"""Execution once: claim (command, key, payload hash) inside the handler's transaction.
+
+The claim is a single INSERT .. ON CONFLICT DO NOTHING RETURNING: one round trip when
+the key is new. A concurrent duplicate blocks on the row (PostgreSQL) or on the write
+lock (SQLite) until the first transaction ends, then finds the stored outcome. A crash
+before commit leaves no claim, so the redelivery runs the handler.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from project.db import commands, utcnow
+
+#: namespace of task ids derived from idempotency keys (never change it once released)
+TASK_ID_NAMESPACE = uuid.UUID("5b0e7a52-6c4f-4b55-9a3e-2f7c1d0b8e11")
+
+
+def task_id_for(task: str, key: str, payload_hash: str) -> str:
+    """Same command, key and payload: same task id, so duplicates share one AsyncResult.
+
+    The payload hash is part of the id so that a conflicting send (same key, other
+    payload) gets its own result, which holds the conflict error, instead of
+    overwriting the first caller's result.
+    """
+    return str(uuid.uuid5(TASK_ID_NAMESPACE, f"{task}:{key}:{payload_hash}"))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a previous execution stored for a key."""
+
+    payload_hash: str
+    payload: dict[str, Any]
+    status: str
+    result: Any
+    error_type: str | None
+    error_message: str | None
+
+
+def _insert(session: Session):
+    return (postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert)(commands)
+
+
+def claim(session: Session, task: str, key: str, payload_hash: str, payload: dict[str, Any],
+          message_id: str) -> bool:
+    """Claim the key in the current transaction; False if it was already claimed."""
+    stmt = _insert(session).values(
+        task=task, key=key, payload_hash=payload_hash, payload=payload, status="running",
+        message_id=message_id, duplicates=0, created_at=utcnow(),
+    ).on_conflict_do_nothing().returning(commands.c.key)
+    return session.execute(stmt).first() is not None
+
+
+def previous(session: Session, task: str, key: str) -> Outcome:
+    """The stored outcome of an earlier claim."""
+    row = session.execute(select(commands).where(commands.c.task == task, commands.c.key == key)).one()
+    return Outcome(row.payload_hash, row.payload, row.status, row.result, row.error_type, row.error_message)
+
+
+def absorbed(session: Session, task: str, key: str) -> None:
+    """Count a duplicate delivery that got the stored outcome instead of a run."""
+    session.execute(update(commands).where(commands.c.task == task, commands.c.key == key)
+                    .values(duplicates=commands.c.duplicates + 1))
+
+
+def finish(session: Session, task: str, key: str, *, result: Any = None,
+           error_type: str | None = None, error_message: str | None = None) -> None:
+    """Store the outcome on the claim (in the same transaction)."""
+    session.execute(update(commands).where(commands.c.task == task, commands.c.key == key).values(
+        status="failed" if error_type else "succeeded", result=result,
+        error_type=error_type, error_message=error_message, finished_at=utcnow()))
+
+
+def differing_fields(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
+    """The fields whose values differ between two payloads."""
+    return sorted(k for k in first.keys() | second.keys() if first.get(k) != second.get(k))
+
+
+def purge(session: Session, older_than: datetime) -> int:
+    """Forget keys claimed before `older_than` (a datetime); the number forgotten."""
+    return session.execute(delete(commands).where(commands.c.created_at < older_than)).rowcount

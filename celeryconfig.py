@@ -42,7 +42,7 @@ task_track_started = True
 
 # The modules that bind handlers to the bus (tasks/); another deployment lists its own.
 include = [m for m in os.environ.get(
-    "BUS_TASK_MODULES", "tasks.orders,tasks.accounts").split(",") if m]
+    "BUS_TASK_MODULES", "tasks.orders,tasks.accounts,tasks.billing,tasks.notifications,tasks.audit").split(",") if m]
 
 # The bus's consumer: dead-letters undecodable, unknown and refused messages.
 worker_consumer = "project.consumer:BusConsumer"

@@ -1,7 +1,7 @@
 """Tables of the reference domain, on the bus's metadata (so one migration history holds all)."""
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, DateTime, String, Table
+from sqlalchemy import JSON, Column, DateTime, Integer, String, Table
 
 from project.db import metadata, utcnow
 
@@ -20,4 +20,31 @@ users = Table(
     Column("email", String(320), nullable=False, unique=True),
     Column("name", String(200), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, default=utcnow),
+)
+
+audit_log = Table(
+    "audit_log", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("what", String(100), nullable=False),
+    Column("subject", String(200), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False, default=utcnow),
+)
+
+#: what the recording fakes of the external ports were asked to do (mail, SMS, payments)
+port_calls = Table(
+    "port_calls", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("port", String(30), nullable=False, index=True),
+    Column("target", String(320), nullable=False),
+    Column("key", String(300)),
+    Column("payload", JSON, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False, default=utcnow),
+)
+
+#: injected failures already spent, per (port, key): see adapters.ports.Flaky
+port_failures = Table(
+    "port_failures", metadata,
+    Column("port", String(30), primary_key=True),
+    Column("key", String(300), primary_key=True),
+    Column("count", Integer, nullable=False),
 )

@@ -5,7 +5,7 @@ from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
-from project.contracts import Command
+from project.contracts import Command, Event
 
 
 class OrderLine(BaseModel):
@@ -30,3 +30,27 @@ class RegisterUser(Command, boundary="accounts"):
     user_id: str = Field(min_length=1)
     email: EmailStr
     name: str = Field(min_length=1)
+
+
+class OrderPlaced(Event, boundary="orders"):
+    """An order was stored; billing charges it, notifications thank the customer."""
+
+    order_id: str
+    customer_id: str
+    total: Decimal
+
+
+class PaymentProcessed(Event, boundary="billing"):
+    """The payment gateway charged an order."""
+
+    order_id: str
+    amount: Decimal
+    charge_id: str
+
+
+class UserAccountCreated(Event, boundary="accounts"):
+    """A user account exists; welcome e-mail, audit log and SMS follow."""
+
+    user_id: str
+    email: str
+    name: str

@@ -1,6 +1,7 @@
 """What the handlers need from the outside world, as protocols (adapters implement them)."""
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Protocol
 
 from handlers.messages import OrderLine
@@ -8,9 +9,25 @@ from handlers.messages import OrderLine
 
 class OrderRepository(Protocol):
     def add(self, order_id: str, customer_id: str, lines: list[OrderLine], total: str) -> None: ...
-    def exists(self, order_id: str) -> bool: ...
 
 
 class UserRepository(Protocol):
     def add(self, user_id: str, email: str, name: str) -> None: ...
     def email_taken(self, email: str) -> bool: ...
+
+
+class PaymentGateway(Protocol):
+    def charge(self, customer_id: str, amount: Decimal, *, idempotency_key: str) -> str:
+        """Charge and return the charge id; the same key never charges twice."""
+
+
+class Mailer(Protocol):
+    def send(self, to: str, subject: str, body: str) -> None: ...
+
+
+class SmsSender(Protocol):
+    def send(self, to: str, text: str) -> None: ...
+
+
+class AuditLog(Protocol):
+    def record(self, what: str, subject: str) -> None: ...

@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["Command", "DomainError", "Event", "Message", "snake_case"]
+__all__ = ["Command", "CommandSender", "DomainError", "Event", "EventSink", "Message", "MessageContext",
+           "snake_case"]
 
 _BOUNDARY = re.compile(r"^[a-z][a-z0-9_]*$")
 #: the kwarg a caller may add to a command's fields; no contract may use it as a field
@@ -113,3 +115,30 @@ class Event(Message):
     def exchange_name(cls) -> str:
         """`events.<snake_event>`: a durable fanout exchange."""
         return f"events.{snake_case(cls.__name__)}"
+
+
+class EventSink(Protocol):
+    """What a handler publishes facts through (the `events` dependency).
+
+    Events are written to the outbox in the handler's transaction and published after
+    commit; an event owned by another boundary is refused.
+    """
+
+    def publish(self, event: Event) -> None: ...
+
+
+class CommandSender(Protocol):
+    """What a handler sends commands through (the `commands` dependency), also via the outbox."""
+
+    def send(self, command: Command, *, idempotency_key: str | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class MessageContext:
+    """The `context` dependency: who is handling what, for keys passed to external systems."""
+
+    message_id: str
+    handler: str
+    idempotency_key: str
+    attempt: int
+    correlation_id: str | None = None

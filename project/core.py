@@ -10,6 +10,7 @@ execution, by the providers registered under the same names.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 from functools import cached_property
 from typing import Any, Callable
@@ -19,17 +20,22 @@ from celery.result import AsyncResult
 from sqlalchemy.engine import Engine
 
 from project import embedded
+from project import outbox
 from project.commands import CommandTask, body_of, check_route, run_command
-from project.contracts import Command, Event
+from project.contracts import Command, Event, MessageContext
 from project.db import engine_for
 from project.errors import MissingDependency, NotACommand
-from project.registry import CommandBinding, Registry
+from project.registry import CommandBinding, Registry, SubscriberBinding
 from project.retry import Backoff, default_command_policy
 from project.settings import Settings, load
-from project.topology import Topology
+from project.subscribers import SubscriberTask, run_subscriber
+from project.topology import Topology, command_queue, subscriber_queue
 from project.uow import UnitOfWork
 
+logger = logging.getLogger(__name__)
 Provider = Callable[[UnitOfWork], Any]
+#: dependencies every handler may ask for, built by the bus per execution
+BUILTINS = ("events", "commands", "context")
 
 
 class Bus:
@@ -57,25 +63,57 @@ class Bus:
         """Bind the one handler of `contract`; returns the command's Celery task."""
         def bind(handler: Callable[..., Any]) -> CommandTask:
             binding = self.registry.add_command(contract, handler, boundary)
+            self.app.amqp.queues[binding.name] = command_queue(binding)
             return self.app.task(
                 name=binding.name, base=CommandTask, bind=True, shared=False,
                 bus=self, binding=binding, acks_late=True,
             )(run_command)
         return bind
 
+    def subscriber(self, contract: type[Event], *, boundary: str,
+                   retry: Backoff | None = None) -> Callable[[Callable], SubscriberTask]:
+        """Subscribe a handler of `boundary` to `contract`; returns the subscriber's Celery task.
+
+        Its queue `<boundary>.<handler>` is bound to the event's fanout exchange and gets
+        a copy of every event; `retry` is its own policy (default: 5 retries, backoff).
+        """
+        def bind(handler: Callable[..., Any]) -> SubscriberTask:
+            binding = self.registry.add_subscriber(contract, handler, boundary, retry)
+            self.app.amqp.queues[binding.name] = subscriber_queue(binding)
+            return self.app.task(
+                name=binding.name, base=SubscriberTask, bind=True, shared=False,
+                bus=self, binding=binding, acks_late=True,
+            )(run_subscriber)
+        return bind
     def provide(self, name: str, factory: Provider) -> None:
         """Provide the handler dependency `name`, built per execution from the unit of work."""
         self._providers[name] = factory
 
-    def dependencies(self, binding: CommandBinding, uow: UnitOfWork) -> dict[str, Any]:
-        """The keyword-only arguments of `binding`'s handler, built for this execution."""
-        return {name: self._providers[name](uow) for name in self.check_dependencies(binding)}
+    def sink(self, uow: UnitOfWork, boundary: str, origin: str) -> outbox.OutboxSink:
+        """The `events`/`commands` dependency of one execution (writes to the outbox)."""
+        return outbox.OutboxSink(uow.session, boundary, origin)
 
-    def check_dependencies(self, binding: CommandBinding) -> list[str]:
+    def dependencies(self, binding: CommandBinding | SubscriberBinding, uow: UnitOfWork,
+                     sink: outbox.OutboxSink, context: MessageContext) -> dict[str, Any]:
+        """The keyword-only arguments of `binding`'s handler, built for this execution."""
+        builtins = {"events": sink, "commands": sink, "context": context}
+        return {name: builtins[name] if name in builtins else self._providers[name](uow)
+                for name in self.check_dependencies(binding)}
+
+    def publish_after_commit(self, ids: list[str]) -> None:
+        """Publish what an execution committed to the outbox; on failure the relay will."""
+        if not ids:
+            return
+        try:
+            outbox.publish(self, ids)
+        except Exception:  # the rows are committed: `bus relay` / the beat relay publishes them
+            logger.warning("publishing %d outbox row(s) failed; the relay will retry", len(ids), exc_info=True)
+
+    def check_dependencies(self, binding: CommandBinding | SubscriberBinding) -> list[str]:
         """The handler's dependency names; raise if one has no provider."""
         names = [p.name for p in inspect.signature(binding.handler).parameters.values()
                  if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        missing = [n for n in names if n not in self._providers]
+        missing = [n for n in names if n not in self._providers and n not in BUILTINS]
         if missing:
             raise MissingDependency(
                 f"{binding.handler_name} needs {', '.join(missing)} but nothing provides "

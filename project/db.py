@@ -61,6 +61,28 @@ dead_letters = Table(
     UniqueConstraint("message_id", "task", "reason", name="uq_dead_letter_message"),
 )
 
+#: events and commands a handler produced, committed with its state, published after commit
+outbox = Table(
+    "bus_outbox", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("kind", String(10), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("correlation_id", String(64)),
+    Column("causation_id", String(64)),
+    Column("created_at", DateTime(timezone=True), nullable=False, default=utcnow),
+    Column("published_at", DateTime(timezone=True), index=True),
+)
+
+#: one row per (event, subscriber) that ran: a redelivered event does not run it twice
+inbox = Table(
+    "bus_inbox", metadata,
+    Column("event_id", String(64), primary_key=True),
+    Column("subscriber", String(200), primary_key=True),
+    Column("duplicates", Integer, nullable=False, default=0),
+    Column("processed_at", DateTime(timezone=True), nullable=False, default=utcnow, index=True),
+)
+
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 _pid = os.getpid()

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 from kombu import Exchange, Queue
 
+from project.contracts import Event
 from project.registry import CommandBinding, Registry, SubscriberBinding
 
 
@@ -48,6 +49,11 @@ class Topology:
                    if wanted is None or s.boundary in wanted]
         return queues
 
+    def subscriber_queues(self, exchange_name: str) -> list[Queue]:
+        """The queues bound to one event's exchange."""
+        return [subscriber_queue(s) for s in self.registry.subscribers.values()
+                if s.contract.exchange_name() == exchange_name]
+
     def exchanges(self) -> list[Exchange]:
         return [event_exchange(name) for name in sorted(self.registry.events)]
 
@@ -59,7 +65,7 @@ class Topology:
             for b in sorted(self.registry.commands.values(), key=lambda b: b.name)
         ]
         events = []
-        for name, contract in sorted(self.registry.events.items()):
+        for name, contract in sorted(known_events(self.registry).items()):
             subs = [s for s in self.registry.subscribers.values() if s.contract is contract]
             events.append({
                 "event": contract.__name__, "exchange": name, "type": "fanout",
@@ -68,3 +74,14 @@ class Topology:
                                  "handler": s.handler_name} for s in sorted(subs, key=lambda s: s.name)],
             })
         return {"commands": commands, "events": events}
+
+
+def known_events(registry: Registry) -> dict[str, type[Event]]:
+    """Every imported event contract by exchange name, with or without subscribers."""
+    found: dict[str, type[Event]] = dict(registry.events)
+    pending = list(Event.__subclasses__())
+    while pending:
+        contract = pending.pop()
+        pending += contract.__subclasses__()
+        found.setdefault(contract.exchange_name(), contract)
+    return found

@@ -78,7 +78,7 @@ class BusStartup(bootsteps.Step):
         if bus.settings.embedded:
             embedded.ensure_running(bus.settings.home)
         self._select_queues(worker.app, bus, boundary, queues)
-        for binding in bus.registry.commands.values():
+        for binding in [*bus.registry.commands.values(), *bus.registry.subscribers.values()]:
             bus.check_dependencies(binding)
         mine = owned_commands(bus, worker.app.amqp.queues.consume_from or {})
         if mine:

@@ -1,8 +1,7 @@
 """Binds the accounts boundary's handlers to the bus."""
-from adapters.repositories import SqlUserRepository
 from handlers import accounts
 from handlers.messages import RegisterUser
 from project import bus
+from tasks import wiring  # noqa: F401  (providers)
 
-bus.provide("users", lambda uow: SqlUserRepository(uow.session))
 register_user = bus.command(RegisterUser)(accounts.register_user)

@@ -1,8 +1,7 @@
 """Binds the orders boundary's handlers to the bus."""
-from adapters.repositories import SqlOrderRepository
 from handlers import orders
 from handlers.messages import PlaceOrder
 from project import bus
+from tasks import wiring  # noqa: F401  (providers)
 
-bus.provide("orders", lambda uow: SqlOrderRepository(uow.session))
 place_order = bus.command(PlaceOrder)(orders.place_order)

@@ -1,0 +1,134 @@
+"""Adapters of the external ports: real ones (SMTP, HTTP) and recording fakes.
+
+The recording fakes write what they were asked into `port_calls` through the unit of
+work's session, so a recorded effect commits with the inbox claim: counting rows
+counts effects, across processes. `Flaky` makes a port fail its first N calls per key
+(failures are counted outside the handler's transaction, so they survive rollback).
+"""
+from __future__ import annotations
+
+import json
+import os
+import smtplib
+import urllib.request
+import uuid
+from decimal import Decimal
+from email.message import EmailMessage
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from adapters.orm import audit_log, port_calls, port_failures
+from project.db import utcnow
+
+
+class PortUnavailable(ConnectionError):
+    """The external system did not answer (real or injected); retrying may help."""
+
+
+class RecordingPorts:
+    """Recording fakes of every port, in the handler's transaction."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def _record(self, port: str, target: str, key: str | None, payload: dict) -> None:
+        self.session.execute(port_calls.insert().values(port=port, target=target, key=key,
+                                                        payload=payload, at=utcnow()))
+
+    def charge(self, customer_id: str, amount: Decimal, *, idempotency_key: str) -> str:
+        charge_id = f"ch_{uuid.uuid5(uuid.NAMESPACE_URL, idempotency_key).hex[:12]}"
+        self._record("gateway", customer_id, idempotency_key, {"amount": str(amount), "charge_id": charge_id})
+        return charge_id
+
+    def send_mail(self, to: str, subject: str, body: str) -> None:
+        self._record("mail", to, None, {"subject": subject, "body": body})
+
+    def send_sms(self, to: str, text: str) -> None:
+        self._record("sms", to, None, {"text": text})
+
+    def record(self, what: str, subject: str) -> None:
+        self.session.execute(audit_log.insert().values(what=what, subject=subject, at=utcnow()))
+
+
+class RecordingGateway:
+    def __init__(self, ports: RecordingPorts) -> None:
+        self.charge = ports.charge
+
+
+class RecordingMailer:
+    def __init__(self, ports: RecordingPorts) -> None:
+        self.send = ports.send_mail
+
+
+class RecordingSms:
+    def __init__(self, ports: RecordingPorts) -> None:
+        self.send = ports.send_sms
+
+
+class Flaky:
+    """Wrap a port so its first `times` calls per key raise PortUnavailable."""
+
+    def __init__(self, port: object, name: str, times: int, engine: Engine) -> None:
+        self.port, self.name, self.times, self.engine = port, name, times, engine
+
+    def charge(self, customer_id: str, amount: Decimal, *, idempotency_key: str) -> str:
+        self._maybe_fail(idempotency_key)
+        return self.port.charge(customer_id, amount, idempotency_key=idempotency_key)
+
+    def _maybe_fail(self, key: str) -> None:
+        with self.engine.begin() as conn:
+            spent = conn.execute(select(port_failures.c.count).where(
+                port_failures.c.port == self.name, port_failures.c.key == key)).scalar()
+            if spent is None:
+                conn.execute(port_failures.insert().values(port=self.name, key=key, count=0))
+                spent = 0
+            if spent >= self.times:
+                return
+            conn.execute(update(port_failures).where(port_failures.c.port == self.name,
+                                                     port_failures.c.key == key).values(count=spent + 1))
+        raise PortUnavailable(f"{self.name} failure {spent + 1} of {self.times} injected for {key}")
+
+
+def failures_for(port: str) -> int:
+    """Injected failures per key for `port`, from BUS_FAIL_PORTS=gateway=3,mail=1."""
+    for item in filter(None, os.environ.get("BUS_FAIL_PORTS", "").split(",")):
+        name, _, times = item.partition("=")
+        if name.strip() == port:
+            try:
+                return int(times)
+            except ValueError:
+                raise ValueError(f"BUS_FAIL_PORTS item {item!r}: write port=count, e.g. gateway=3") from None
+    return 0
+
+
+class SmtpMailer:
+    """Sends mail through an SMTP server (BUS_SMTP_URL=smtp://host:port)."""
+
+    def __init__(self, host: str, port: int, sender: str = "shop@example.com") -> None:
+        self.host, self.port, self.sender = host, port, sender
+
+    def send(self, to: str, subject: str, body: str) -> None:
+        message = EmailMessage()
+        message["From"], message["To"], message["Subject"] = self.sender, to, subject
+        message.set_content(body)
+        with smtplib.SMTP(self.host, self.port, timeout=10) as smtp:
+            smtp.send_message(message)
+
+
+class HttpGateway:
+    """Charges through a payment API (BUS_GATEWAY_URL), passing the idempotency key."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def charge(self, customer_id: str, amount: Decimal, *, idempotency_key: str) -> str:
+        request = urllib.request.Request(
+            self.url, method="POST", data=json.dumps({"customer": customer_id, "amount": str(amount)}).encode(),
+            headers={"Content-Type": "application/json", "Idempotency-Key": idempotency_key})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.load(response)["id"]
+        except OSError as exc:
+            raise PortUnavailable(f"payment gateway {self.url}: {exc}") from exc

@@ -1,0 +1,120 @@
+"""The transactional outbox: what a handler publishes is committed with its state.
+
+`OutboxSink` is the `events` and `commands` dependency of handlers: it writes rows in
+the handler's transaction (nothing is published if it rolls back), with ids that are
+deterministic for the execution, so a re-run writes the same ids. After commit the
+worker publishes the rows at once (`publish`); `relay` publishes whatever a crash left
+behind, in batches, oldest first. Ordering: rows of one execution are published in the
+order they were raised; across executions and across the relay there is no order
+promise. A row may be published twice (crash between publish and mark): the
+subscribers' inbox makes that harmless.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from project.commands import body_of, check_route
+from project.contracts import Command, Event
+from project.db import outbox, utcnow
+from project.errors import NotACommand, WrongBoundary
+from project.topology import event_exchange
+
+if TYPE_CHECKING:
+    from project.core import Bus
+
+logger = logging.getLogger(__name__)
+EVENT_ID_NAMESPACE = uuid.UUID("0c6b2f5e-93d1-4a57-8a0b-6e3f4f1d2a77")
+EVENT_ID = "_event_id"  # body key of an event's id; a leading underscore is never a contract field
+
+
+@dataclass
+class OutboxSink:
+    """`events.publish(...)` / `commands.send(...)` inside one handler execution."""
+
+    session: Session
+    boundary: str
+    origin: str  # stable for the execution: "<task>:<idempotency key>" or "<subscriber>:<event id>"
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    written: list[str] = field(default_factory=list)
+
+    def _next_id(self) -> str:
+        return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{self.origin}:{len(self.written)}"))
+
+    def publish(self, event: Event) -> None:
+        """Record `event` for publication after commit; only its owner may publish it."""
+        if not isinstance(event, Event):
+            raise TypeError(f"events.publish() takes an Event contract instance, got {type(event).__name__}"
+                            + ("; send commands with commands.send(...)" if isinstance(event, Command) else ""))
+        if event.boundary != self.boundary:
+            raise WrongBoundary(
+                f"{type(event).__name__} is owned by boundary {event.boundary!r}; a handler of {self.boundary!r} "
+                f"cannot publish it. Publish an event of {self.boundary!r}, or send a command to "
+                f"{event.boundary!r} and let its handler publish {type(event).__name__}."
+            )
+        event_id = self._next_id()
+        self._write(event_id, "event", event.exchange_name(), {**event.payload(), EVENT_ID: event_id})
+
+    def send(self, command: Command, *, idempotency_key: str | None = None) -> None:
+        """Record `command` for sending after commit (choreography)."""
+        if not isinstance(command, Command):
+            raise NotACommand(f"commands.send() takes a Command contract instance, got {type(command).__name__}")
+        message_id = self._next_id()
+        body, task_id = body_of(command, idempotency_key or message_id)
+        self._write(task_id, "command", command.task_name(), body)
+
+    def _write(self, row_id: str, kind: str, name: str, payload: dict[str, Any]) -> None:
+        self.session.execute(outbox.insert().values(
+            id=row_id, kind=kind, name=name, payload=payload, created_at=utcnow(),
+            correlation_id=self.correlation_id, causation_id=self.causation_id))
+        self.written.append(row_id)
+
+
+def publish(bus: "Bus", ids: list[str]) -> int:
+    """Publish the outbox rows `ids` now (after their commit); the number published."""
+    if not ids:
+        return 0
+    with bus.engine().connect() as conn:
+        rows = conn.execute(select(outbox).where(outbox.c.id.in_(ids), outbox.c.published_at.is_(None))
+                            .order_by(outbox.c.created_at)).all()
+    return _publish_rows(bus, rows)
+
+
+def relay(bus: "Bus", batch: int = 500, grace: timedelta = timedelta(0)) -> int:
+    """Publish every unpublished row older than `grace`, `batch` at a time; the number published."""
+    total = 0
+    while True:
+        with bus.engine().connect() as conn:
+            rows = conn.execute(select(outbox).where(outbox.c.published_at.is_(None),
+                                                     outbox.c.created_at <= utcnow() - grace)
+                                .order_by(outbox.c.created_at).limit(batch)).all()
+        if not rows:
+            return total
+        total += _publish_rows(bus, rows)
+        if len(rows) < batch:
+            return total
+
+
+def _publish_rows(bus: "Bus", rows: list[Any]) -> int:
+    app = bus.app
+    with app.producer_or_acquire() as producer:
+        for row in rows:
+            if row.kind == "event":
+                exchange = event_exchange(row.name)
+                app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer,
+                              exchange=exchange, routing_key=row.name, ignore_result=True,
+                              declare=[exchange, *bus.topology.subscriber_queues(row.name)])
+            else:
+                check_route(row.name, {})
+                app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer, queue=row.name)
+    with bus.engine().begin() as conn:
+        conn.execute(update(outbox).where(outbox.c.id.in_([r.id for r in rows])).values(published_at=utcnow()))
+    logger.debug("published %d outbox row(s)", len(rows))
+    return len(rows)

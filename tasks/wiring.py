@@ -1,0 +1,31 @@
+"""Which adapter serves each port: recording fakes by default, real ones by environment."""
+import os
+from urllib.parse import urlparse
+
+from adapters.ports import (Flaky, HttpGateway, RecordingGateway, RecordingMailer, RecordingPorts,
+                            RecordingSms, SmtpMailer, failures_for)
+from adapters.repositories import SqlOrderRepository, SqlUserRepository
+from project import bus
+
+
+def _gateway(uow):
+    url = os.environ.get("BUS_GATEWAY_URL")
+    port = HttpGateway(url) if url else RecordingGateway(RecordingPorts(uow.session))
+    times = failures_for("gateway")
+    return Flaky(port, "gateway", times, uow.engine) if times else port
+
+
+def _mailer(uow):
+    url = os.environ.get("BUS_SMTP_URL")
+    if url:
+        parsed = urlparse(url)
+        return SmtpMailer(parsed.hostname or "localhost", parsed.port or 25)
+    return RecordingMailer(RecordingPorts(uow.session))
+
+
+bus.provide("orders", lambda uow: SqlOrderRepository(uow.session))
+bus.provide("users", lambda uow: SqlUserRepository(uow.session))
+bus.provide("gateway", _gateway)
+bus.provide("mailer", _mailer)
+bus.provide("sms", lambda uow: RecordingSms(RecordingPorts(uow.session)))
+bus.provide("audit", lambda uow: RecordingPorts(uow.session))

@@ -41,10 +41,3 @@ port_calls = Table(
     Column("at", DateTime(timezone=True), nullable=False, default=utcnow),
 )
 
-#: injected failures already spent, per (port, key): see adapters.ports.Flaky
-port_failures = Table(
-    "port_failures", metadata,
-    Column("port", String(30), primary_key=True),
-    Column("key", String(300), primary_key=True),
-    Column("count", Integer, nullable=False),
-)

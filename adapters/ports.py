@@ -3,10 +3,12 @@
 The recording fakes write what they were asked into `port_calls` through the unit of
 work's session, so a recorded effect commits with the inbox claim: counting rows
 counts effects, across processes. `Flaky` makes a port fail its first N calls per key
-(failures are counted outside the handler's transaction, so they survive rollback).
+(BUS_FAIL_PORTS=gateway=3), to show retries.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import smtplib
@@ -14,12 +16,11 @@ import urllib.request
 import uuid
 from decimal import Decimal
 from email.message import EmailMessage
+from pathlib import Path
 
-from sqlalchemy import select, update
-from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from adapters.orm import audit_log, port_calls, port_failures
+from adapters.orm import audit_log, port_calls
 from project.db import utcnow
 
 
@@ -68,26 +69,32 @@ class RecordingSms:
 
 
 class Flaky:
-    """Wrap a port so its first `times` calls per key raise PortUnavailable."""
+    """Wrap a port so its first `times` calls per key raise PortUnavailable.
 
-    def __init__(self, port: object, name: str, times: int, engine: Engine) -> None:
-        self.port, self.name, self.times, self.engine = port, name, times, engine
+    The spent failures are counted in files under `counters` (flock-protected), not in
+    the database: the handler's transaction holds the database, and a failure must stay
+    counted when that transaction rolls back.
+    """
+
+    def __init__(self, port: object, name: str, times: int, counters: Path) -> None:
+        self.port, self.name, self.times, self.counters = port, name, times, counters
 
     def charge(self, customer_id: str, amount: Decimal, *, idempotency_key: str) -> str:
         self._maybe_fail(idempotency_key)
         return self.port.charge(customer_id, amount, idempotency_key=idempotency_key)
 
     def _maybe_fail(self, key: str) -> None:
-        with self.engine.begin() as conn:
-            spent = conn.execute(select(port_failures.c.count).where(
-                port_failures.c.port == self.name, port_failures.c.key == key)).scalar()
-            if spent is None:
-                conn.execute(port_failures.insert().values(port=self.name, key=key, count=0))
-                spent = 0
+        self.counters.mkdir(parents=True, exist_ok=True)
+        path = self.counters / f"{self.name}-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+        with open(path, "a+") as counter:
+            fcntl.flock(counter, fcntl.LOCK_EX)
+            counter.seek(0)
+            spent = int(counter.read() or 0)
             if spent >= self.times:
                 return
-            conn.execute(update(port_failures).where(port_failures.c.port == self.name,
-                                                     port_failures.c.key == key).values(count=spent + 1))
+            counter.seek(0)
+            counter.truncate()
+            counter.write(str(spent + 1))
         raise PortUnavailable(f"{self.name} failure {spent + 1} of {self.times} injected for {key}")
 
 

@@ -7,15 +7,24 @@ from __future__ import annotations
 
 from celery import Celery, signals
 
+from project import dispatch, redis_transport
 from project.core import Bus
 from project.db import forget_engines
 from project.worker import install
 
+redis_transport.install()  # durable fan-out on redis:// and redis+socket:// (before any connection)
 app = Celery("project")
 app.config_from_object("celeryconfig")
 app.conf.task_routes = ("project.routing.route_by_name",)
 bus = Bus(app)
 install(app, bus)
+
+
+@signals.celeryd_init.connect
+def _dispatch_by_queue(sender=None, instance=None, **_: object) -> None:
+    """Subscriber queues run their own task (task modules are imported by now)."""
+    if instance is not None and instance.app is app:
+        dispatch.install(app, {queue: queue for queue in bus.registry.subscribers})
 
 
 @signals.worker_process_init.connect

@@ -7,11 +7,15 @@ came from and, when that queue is in the ``queue_tasks`` mapping and the header 
 another task:
 
 - sets ``headers['task']`` to the queue's task;
-- sets ``headers['id']`` to :func:`copy_task_id` (event id, queue): otherwise all
-  subscribers share one task id (one result, one ``revoke``, one entry in the worker's
-  request table). It is deterministic, so a redelivered copy keeps its id, and the
-  event's id stays available as ``request.root_id`` (Celery sets ``root_id`` to the
-  task id of a top-level publish).
+- unless ``copy_ids=False``, sets ``headers['id']`` to :func:`copy_task_id` (event id,
+  queue): otherwise all subscribers share one task id (one result, one ``revoke``, one
+  entry in the worker's request table). It is deterministic, so a redelivered copy
+  keeps its id; the event's id stays available as ``request.root_id`` (Celery sets
+  ``root_id`` to the task id of a top-level publish).
+
+Every message whose queue is known also gets ``delivery_info['queue']`` (set already by
+:mod:`project.redis_transport` on Redis copies), for consumer-level code such as
+dead-lettering: ``routing_key`` is the publisher's, not the queue, on a fanout.
 
 The queue is found from ``delivery_info['consumer_tag']`` and the task consumer's own
 queue -> tag table: RabbitMQ (py-amqp) reports the tag of every delivery, and
@@ -57,8 +61,8 @@ def own_queue(queue: str) -> dict[str, str]:
     return {'queue': queue, 'exchange': '', 'routing_key': queue}
 
 
-def queue_dispatch_consumer(queue_tasks: Mapping[str, str],
-                            base: type[Consumer] = Consumer) -> type[Consumer]:
+def queue_dispatch_consumer(queue_tasks: Mapping[str, str], base: type[Consumer] = Consumer,
+                            copy_ids: bool = True) -> type[Consumer]:
     """A `base` subclass that runs, for a message of queue Q, the task ``queue_tasks[Q]``."""
     routes = dict(queue_tasks)
 
@@ -84,16 +88,17 @@ def queue_dispatch_consumer(queue_tasks: Mapping[str, str],
                 return queue
 
             def on_task_received(message: Any) -> Any:
-                headers = message.headers
-                if headers and 'task' in headers:
-                    queue = queue_of(message)
-                    task = routes.get(queue)
-                    if task is not None and headers['task'] != task:
-                        logger.debug('message %s of %s in %s: running %s',
-                                     headers.get('id'), headers['task'], queue, task)
-                        headers['task'] = task
-                        if headers.get('id'):
-                            headers['id'] = copy_task_id(headers['id'], queue)
+                queue = queue_of(message)
+                if queue is None:
+                    return handle(message)
+                message.delivery_info.setdefault('queue', queue)
+                headers, task = message.headers, routes.get(queue)
+                if task is not None and headers and headers.get('task', task) != task:
+                    logger.debug('message %s of %s in %s: running %s',
+                                 headers.get('id'), headers['task'], queue, task)
+                    headers['task'] = task
+                    if copy_ids and headers.get('id'):
+                        headers['id'] = copy_task_id(headers['id'], queue)
                 return handle(message)
 
             return on_task_received
@@ -103,9 +108,9 @@ def queue_dispatch_consumer(queue_tasks: Mapping[str, str],
     return QueueDispatchConsumer
 
 
-def install(app: Any, queue_tasks: Mapping[str, str]) -> type[Consumer]:
+def install(app: Any, queue_tasks: Mapping[str, str], copy_ids: bool = True) -> type[Consumer]:
     """Make `app`'s workers dispatch by queue, on top of its ``worker_consumer``."""
     base = symbol_by_name(app.conf.worker_consumer or Consumer)
-    consumer = queue_dispatch_consumer(queue_tasks, base)
+    consumer = queue_dispatch_consumer(queue_tasks, base, copy_ids)
     app.conf.worker_consumer = consumer
     return consumer

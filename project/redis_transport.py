@@ -10,9 +10,10 @@ for the bus's event exchanges only, i.e. for every exchange for which
   (``_kombu.binding.<exchange>``, written by whoever declared and bound the queue, even
   a worker that is stopped now) and LPUSHes one copy into every bound queue in a single
   MULTI/EXEC: all copies or none. That is two round trips (SMEMBERS, then the MULTI).
-- each copy has its own delivery tag (a shared tag breaks ack/restore, celery#4091),
-  ``delivery_info['routing_key']`` set to the queue it was pushed into, and the
-  property :data:`COPY_OF_QUEUE` naming that queue;
+- each copy has its own delivery tag (a shared tag breaks ack/restore, celery#4091)
+  and ``delivery_info['queue']`` naming the queue it was pushed into; ``exchange`` and
+  ``routing_key`` stay the publisher's, as on RabbitMQ, so Celery (e.g. ``retry()``)
+  acts the same on both brokers;
 - a copy that is restored (unacked at shutdown or past ``visibility_timeout``) goes
   back into its own queue only, not through the exchange into every bound queue;
 - queues bound to such an exchange are consumed with BRPOP like any list queue,
@@ -49,8 +50,8 @@ from kombu.utils.json import dumps
 logger = logging.getLogger(__name__)
 
 EVENT_EXCHANGE_PREFIX = 'events.'
-#: Message property naming the queue a copy was pushed into (used by restore).
-COPY_OF_QUEUE = 'x-fanout-queue'
+#: ``delivery_info`` key naming the queue a copy was pushed into.
+QUEUE_KEY = 'queue'
 TRANSPORT = f'{__name__}:Transport'
 
 
@@ -110,12 +111,11 @@ class Channel(kombu_redis.Channel):
         return {**message, 'properties': {
             **properties,
             'delivery_tag': self._next_delivery_tag(),
-            'delivery_info': {**properties['delivery_info'], 'routing_key': queue},
-            COPY_OF_QUEUE: queue,
+            'delivery_info': {**properties['delivery_info'], QUEUE_KEY: queue},
         }}
 
     def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
-        queue = (payload.get('properties') or {}).get(COPY_OF_QUEUE)
+        queue = ((payload.get('properties') or {}).get('delivery_info') or {}).get(QUEUE_KEY)
         if queue is not None:
             # Through the exchange the copy would land in every bound queue again.
             exchange, routing_key = '', queue

@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy import update
 
 from project.db import inbox, utcnow
+from project.dispatch import own_queue
 from project.errors import InvalidMessage
 from project.outbox import EVENT_ID
 from project.retry import Backoff
@@ -50,7 +51,7 @@ class SubscriberTask(BusTask):
     def retry_options(self) -> dict[str, Any]:
         # Celery re-publishes a retry to the exchange the message came from: for a fanout
         # that would re-run every subscriber. The default exchange reaches this queue only.
-        return {"exchange": "", "routing_key": self.name}
+        return own_queue(self.name)
 
     def execute(self, fields: dict[str, Any]) -> None:
         """Run the subscriber once per event, in one transaction with its effects."""

@@ -12,7 +12,7 @@ def _gateway(uow):
     url = os.environ.get("BUS_GATEWAY_URL")
     port = HttpGateway(url) if url else RecordingGateway(RecordingPorts(uow.session))
     times = failures_for("gateway")
-    return Flaky(port, "gateway", times, uow.engine) if times else port
+    return Flaky(port, "gateway", times, bus.settings.home / "injected-failures") if times else port
 
 
 def _mailer(uow):

@@ -59,18 +59,11 @@ def upgrade() -> None:
     with op.batch_alter_table('port_calls', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_port_calls_port'), ['port'], unique=False)
 
-    op.create_table('port_failures',
-    sa.Column('port', sa.String(length=30), nullable=False),
-    sa.Column('key', sa.String(length=300), nullable=False),
-    sa.Column('count', sa.Integer(), nullable=False),
-    sa.PrimaryKeyConstraint('port', 'key')
-    )
 
 
 
 def downgrade() -> None:
 
-    op.drop_table('port_failures')
     with op.batch_alter_table('port_calls', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_port_calls_port'))
 

@@ -46,3 +46,12 @@ include = [m for m in os.environ.get(
 
 # The bus's consumer: dead-letters undecodable, unknown and refused messages.
 worker_consumer = "project.consumer:BusConsumer"
+
+# Idempotency keys are kept this long, then purged by beat (`bus purge-keys` by hand).
+bus_key_retention = os.environ.get("BUS_KEY_RETENTION", "30d")
+# Beat publishes outbox rows that a crash between commit and publish left behind, and
+# purges old keys. Run one beat per deployment: `celery -A project beat`.
+beat_schedule = {
+    "bus-relay-outbox": {"task": "bus.relay_outbox", "schedule": 10.0, "options": {"queue": "bus.maintenance"}},
+    "bus-purge-keys": {"task": "bus.purge_keys", "schedule": 24 * 3600.0, "options": {"queue": "bus.maintenance"}},
+}

@@ -1,8 +1,12 @@
 """`bus demo`: the reference domain end to end on the embedded default (no servers).
 
-Starts the embedded broker and a real worker process, sends commands (with duplicates,
-a key conflict, a domain refusal, invalid and pickled messages), waits for every
-outcome and prints what happened, read back from the bus's own records.
+Starts the embedded broker and real worker processes, sends commands (with duplicates,
+a key conflict, a domain refusal, invalid and pickled messages), and shows both event
+cycles: PlaceOrder -> OrderPlaced -> (charge, thank-you e-mail) and RegisterUser ->
+UserAccountCreated -> (welcome e-mail, SMS, audit). Billing is offline while the orders
+are placed (its events wait in its queue) and, once started, its payment gateway fails
+twice per charge: billing retries alone, its siblings run once. Every figure printed
+is read back from the bus's own records.
 """
 from __future__ import annotations
 
@@ -32,13 +36,24 @@ def demo(as_json: bool = typer.Option(False, "--json", help="Print a machine-rea
     started_broker = settings.embedded and embedded.ensure_running(settings.home)
     upgrade(settings.database_url)
     app.loader.import_default_modules()
-    worker = start_worker(logdir=settings.home / "logs", name="demo", concurrency=2)
+    logs = settings.home / "logs"
+    workers = [start_worker(logdir=logs, name="demo", concurrency=2,
+                            boundaries=["orders,accounts,notifications,audit,bus"])]
     try:
-        say(as_json, f"worker {worker.hostname} (pid {worker.pid}) starting on {settings.broker_kind} ...")
-        worker.wait_ready(app)
+        say(as_json, f"worker {workers[0].hostname} starting on {settings.broker_kind}; billing is offline ...")
+        workers[0].wait_ready(app)
         summary = run_scenario(app, bus, as_json)
+        waiting = queue_length(app, "billing.charge_payment")
+        say(as_json, f"{waiting} OrderPlaced event(s) wait in billing.charge_payment; starting billing, "
+                     f"whose gateway fails twice per charge ...")
+        workers.append(start_worker(logdir=logs, name="demo-billing", concurrency=1, boundaries=["billing"],
+                                    env={"BUS_FAIL_PORTS": "gateway=2"}))
+        workers[-1].wait_ready(app)
+        summary.update(waiting_for_offline_billing=waiting, **events_summary(bus, summary.pop("_started"),
+                                                                             settings.home))
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
         if started_broker:
             embedded.stop(settings.home)
     if as_json:
@@ -96,7 +111,37 @@ def run_scenario(app, bus, quiet: bool) -> dict:
         "dead_lettered": dict(dead),
         "rejected_messages": caller_rejected + sum(dead.values()),
         "outcomes": dict(outcomes),
+        "_started": started,
     }
+
+
+def queue_length(app, queue: str) -> int:
+    """Messages ready in `queue` (a passive declare: works on Redis and RabbitMQ)."""
+    with app.connection_for_read() as conn:
+        return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
+
+
+def events_summary(bus, started, home: Path, expected: int = 5 * 2 + 3, timeout: float = 60.0) -> dict:
+    """Wait until every subscriber handled its events; deliveries, effects and retries."""
+    import time
+
+    from adapters.orm import port_calls
+    from project.db import inbox, outbox
+    deadline = time.monotonic() + timeout
+    while True:
+        with bus.engine().connect() as conn:
+            deliveries = dict(conn.execute(select(inbox.c.subscriber, func.count())
+                                           .where(inbox.c.processed_at >= started).group_by(inbox.c.subscriber)).all())
+            published = conn.execute(select(func.count()).where(outbox.c.created_at >= started,
+                                                                outbox.c.published_at.isnot(None))).scalar_one()
+            effects = dict(conn.execute(select(port_calls.c.port, func.count())
+                                        .where(port_calls.c.at >= started).group_by(port_calls.c.port)).all())
+        if sum(deliveries.values()) >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    injected = sum(int(p.read_text() or 0) for p in (home / "injected-failures").glob("gateway-*"))
+    return {"events_published": published, "deliveries_per_subscriber": deliveries,
+            "port_effects": effects, "billing_retries": injected}
 
 
 def _send_pickle(app, order_id: str) -> None:
@@ -145,8 +190,13 @@ def show(summary: dict) -> None:
     table.add_column("what")
     table.add_column("count", justify="right")
     for key in ("commands_sent", "published", "handler_executions", "duplicates_absorbed",
-                "rejected_by_caller", "rejected_messages"):
+                "rejected_by_caller", "rejected_messages", "events_published",
+                "waiting_for_offline_billing", "billing_retries"):
         table.add_row(key.replace("_", " "), str(summary[key]))
     for reason, count in sorted(summary["dead_lettered"].items()):
         table.add_row(f"dead-lettered: {reason}", str(count))
+    for subscriber, count in sorted(summary["deliveries_per_subscriber"].items()):
+        table.add_row(f"events handled by {subscriber}", str(count))
+    for port, count in sorted(summary["port_effects"].items()):
+        table.add_row(f"effects on port: {port}", str(count))
     Console().print(table)

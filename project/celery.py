@@ -5,9 +5,12 @@ Settings come from `celeryconfig.py`; task modules (tasks/) are found through it
 """
 from __future__ import annotations
 
+from datetime import timedelta
+
 from celery import Celery, signals
 
-from project import dispatch, redis_transport
+from project import dispatch, outbox, redis_transport
+from project.durations import parse_duration
 from project.core import Bus
 from project.db import forget_engines
 from project.worker import install
@@ -25,6 +28,18 @@ def _dispatch_by_queue(sender=None, instance=None, **_: object) -> None:
     """Subscriber queues run their own task (task modules are imported by now)."""
     if instance is not None and instance.app is app:
         dispatch.install(app, {queue: queue for queue in bus.registry.subscribers})
+
+
+@app.task(name="bus.relay_outbox", ignore_result=True)
+def relay_outbox(grace_seconds: float = 5.0) -> int:
+    """Publish outbox rows a crash left behind (scheduled by beat; see celeryconfig)."""
+    return outbox.relay(bus, grace=timedelta(seconds=grace_seconds))
+
+
+@app.task(name="bus.purge_keys", ignore_result=True)
+def purge_keys(older_than: str = "") -> int:
+    """Forget idempotency keys past their retention (scheduled by beat)."""
+    return bus.purge_keys(parse_duration(older_than or app.conf.bus_key_retention))
 
 
 @signals.worker_process_init.connect

@@ -71,17 +71,32 @@ def check(timeout: float = typer.Option(2.0, help="Seconds to wait for worker re
 @cli.command("purge-keys")
 def purge_keys(older_than: str = typer.Option(..., "--older-than", help="e.g. 7d, 12h, 30m")) -> None:
     """Forget idempotency keys claimed longer ago than --older-than."""
-    from project.db import utcnow
-    from project.idempotency import purge
-    from project.uow import UnitOfWork
     try:
         age = parse_duration(older_than)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--older-than") from None
-    with UnitOfWork(loaded_bus().engine()) as uow:
-        count = purge(uow.session, utcnow() - age)
-        uow.commit()
+    count = loaded_bus().purge_keys(age)
     console.print(f"forgot {count} idempotency key(s) older than {older_than}")
+
+
+@cli.command()
+def relay(once: bool = typer.Option(False, "--once", help="Publish what is pending, then exit."),
+          interval: float = typer.Option(1.0, min=0.05, help="Seconds between polls."),
+          batch: int = typer.Option(500, min=1, help="Rows per batch."),
+          grace: float = typer.Option(5.0, min=0, help="Leave rows younger than this to the worker.")) -> None:
+    """Publish outbox rows that workers committed but did not publish (after a crash)."""
+    import time
+    from datetime import timedelta
+
+    from project.outbox import relay as relay_rows
+    bus = loaded_bus()
+    while True:
+        count = relay_rows(bus, batch=batch, grace=timedelta(seconds=grace))
+        if count or once:
+            console.print(f"relayed {count} outbox row(s)")
+        if once:
+            return
+        time.sleep(interval)
 
 
 @db_cli.command("upgrade")

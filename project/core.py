@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+from datetime import timedelta
 from functools import cached_property
 from typing import Any, Callable
 
@@ -20,10 +21,10 @@ from celery.result import AsyncResult
 from sqlalchemy.engine import Engine
 
 from project import embedded
-from project import outbox
+from project import idempotency, outbox
 from project.commands import CommandTask, body_of, check_route, run_command
 from project.contracts import Command, Event, MessageContext
-from project.db import engine_for
+from project.db import engine_for, utcnow
 from project.errors import MissingDependency, NotACommand
 from project.registry import CommandBinding, Registry, SubscriberBinding
 from project.retry import Backoff, default_command_policy
@@ -133,6 +134,13 @@ class Bus:
         self.ensure_broker()
         return self.app.send_task(name, kwargs=body, task_id=options.pop("task_id", task_id),
                                   queue=name, **options)
+
+    def purge_keys(self, age: timedelta) -> int:
+        """Forget idempotency keys claimed longer than `age` ago; the number forgotten."""
+        with UnitOfWork(self.engine()) as uow:
+            count = idempotency.purge(uow.session, utcnow() - age)
+            uow.commit()
+        return count
 
     def ensure_broker(self) -> None:
         """Start the embedded broker on first use in this process (no-op on real brokers)."""

@@ -13,6 +13,6 @@ def route_by_name(name: str, args: Any = None, kwargs: Any = None, options: Any 
 
     Events (`events.*`) are published to their fanout exchange by the outbox, never routed here.
     """
-    if _BUS_NAME.match(name) and not name.startswith(("celery.", "events.")):
+    if _BUS_NAME.match(name) and not name.startswith(("celery.", "events.", "bus.")):
         return {"queue": name}
     return None

@@ -17,6 +17,16 @@ from project.contracts import Event
 from project.registry import CommandBinding, Registry, SubscriberBinding
 
 
+#: the bus's own housekeeping (outbox relay, key purge), in the pseudo-boundary `bus`
+MAINTENANCE_BOUNDARY = "bus"
+MAINTENANCE_QUEUE = "bus.maintenance"
+
+
+def maintenance_queue() -> Queue:
+    return Queue(MAINTENANCE_QUEUE, Exchange(MAINTENANCE_QUEUE, type="direct", durable=True),
+                 routing_key=MAINTENANCE_QUEUE, durable=True)
+
+
 def command_queue(binding: CommandBinding) -> Queue:
     """The dedicated queue of a command."""
     return Queue(binding.name, Exchange(binding.name, type="direct", durable=True),
@@ -47,7 +57,13 @@ class Topology:
                   if wanted is None or b.boundary in wanted]
         queues += [subscriber_queue(s) for s in self.registry.subscribers.values()
                    if wanted is None or s.boundary in wanted]
+        if wanted is None or MAINTENANCE_BOUNDARY in wanted:
+            queues.append(maintenance_queue())
         return queues
+
+    def boundaries(self) -> set[str]:
+        """Every boundary a worker may be started for, `bus` (housekeeping) included."""
+        return self.registry.boundaries() | {MAINTENANCE_BOUNDARY}
 
     def subscriber_queues(self, exchange_name: str) -> list[Queue]:
         """The queues bound to one event's exchange."""

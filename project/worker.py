@@ -93,7 +93,7 @@ class BusStartup(bootsteps.Step):
 
     @staticmethod
     def _select_queues(app: Celery, bus: "Bus", boundary: tuple[str, ...], queues: Any) -> None:
-        names = parse_boundaries(boundary, bus.registry.boundaries())
+        names = parse_boundaries(boundary, bus.topology.boundaries())
         explicit = [q for q in (queues or "").split(",") if q] if isinstance(queues, str) else list(queues or [])
         wanted = bus.topology.queues(names) if names else (bus.topology.queues() if not explicit else [])
         by_name = {q.name: q for q in bus.topology.queues()}

@@ -71,17 +71,22 @@ class RecordingSms:
 class Flaky:
     """Wrap a port so its first `times` calls per key raise PortUnavailable.
 
-    The spent failures are counted in files under `counters` (flock-protected), not in
-    the database: the handler's transaction holds the database, and a failure must stay
-    counted when that transaction rolls back.
+    The key is the call's `idempotency_key`, else its arguments. The spent failures are
+    counted in files under `counters` (flock-protected), not in the database: the
+    handler's transaction holds the database, and a failure must stay counted when that
+    transaction rolls back.
     """
 
     def __init__(self, port: object, name: str, times: int, counters: Path) -> None:
         self.port, self.name, self.times, self.counters = port, name, times, counters
 
-    def charge(self, customer_id: str, amount: Decimal, *, idempotency_key: str) -> str:
-        self._maybe_fail(idempotency_key)
-        return self.port.charge(customer_id, amount, idempotency_key=idempotency_key)
+    def __getattr__(self, method: str):
+        call = getattr(self.port, method)
+
+        def flaky(*args, **kwargs):
+            self._maybe_fail(kwargs.get("idempotency_key") or json.dumps([method, args], default=str))
+            return call(*args, **kwargs)
+        return flaky
 
     def _maybe_fail(self, key: str) -> None:
         self.counters.mkdir(parents=True, exist_ok=True)

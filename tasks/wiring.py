@@ -8,24 +8,28 @@ from adapters.repositories import SqlOrderRepository, SqlUserRepository
 from project import bus
 
 
+def _maybe_flaky(name: str, port: object) -> object:
+    """BUS_FAIL_PORTS=gateway=3,sms=1 makes a port fail its first N calls per message."""
+    times = failures_for(name)
+    return Flaky(port, name, times, bus.settings.home / "injected-failures") if times else port
+
+
 def _gateway(uow):
     url = os.environ.get("BUS_GATEWAY_URL")
-    port = HttpGateway(url) if url else RecordingGateway(RecordingPorts(uow.session))
-    times = failures_for("gateway")
-    return Flaky(port, "gateway", times, bus.settings.home / "injected-failures") if times else port
+    return _maybe_flaky("gateway", HttpGateway(url) if url else RecordingGateway(RecordingPorts(uow.session)))
 
 
 def _mailer(uow):
     url = os.environ.get("BUS_SMTP_URL")
     if url:
         parsed = urlparse(url)
-        return SmtpMailer(parsed.hostname or "localhost", parsed.port or 25)
-    return RecordingMailer(RecordingPorts(uow.session))
+        return _maybe_flaky("mail", SmtpMailer(parsed.hostname or "localhost", parsed.port or 25))
+    return _maybe_flaky("mail", RecordingMailer(RecordingPorts(uow.session)))
 
 
 bus.provide("orders", lambda uow: SqlOrderRepository(uow.session))
 bus.provide("users", lambda uow: SqlUserRepository(uow.session))
 bus.provide("gateway", _gateway)
 bus.provide("mailer", _mailer)
-bus.provide("sms", lambda uow: RecordingSms(RecordingPorts(uow.session)))
+bus.provide("sms", lambda uow: _maybe_flaky("sms", RecordingSms(RecordingPorts(uow.session))))
 bus.provide("audit", lambda uow: RecordingPorts(uow.session))

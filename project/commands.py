@@ -110,10 +110,11 @@ class CommandTask(BusTask):
                     logger.info("%s key %r already handled: duplicate absorbed", name, key)
                 uow.commit()
                 return self._replay(outcome, key, digest, payload), []
-            sink = self.bus.sink(uow, self.binding.boundary, origin=f"{name}:{key}")
+            context = self.context(key)
+            sink = self.bus.sink(uow, self.binding.boundary, f"{name}:{key}", context)
             try:
                 result = to_jsonable_python(self.binding.handler(
-                    command, **self.bus.dependencies(self.binding, uow, sink, self.context(key))))
+                    command, **self.bus.dependencies(self.binding, uow, sink, context)))
             except DomainError as exc:
                 uow.rollback()
                 self._store_domain_error(key, digest, payload, exc)

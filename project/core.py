@@ -90,9 +90,13 @@ class Bus:
         """Provide the handler dependency `name`, built per execution from the unit of work."""
         self._providers[name] = factory
 
-    def sink(self, uow: UnitOfWork, boundary: str, origin: str) -> outbox.OutboxSink:
-        """The `events`/`commands` dependency of one execution (writes to the outbox)."""
-        return outbox.OutboxSink(uow.session, boundary, origin)
+    def sink(self, uow: UnitOfWork, boundary: str, origin: str, context: MessageContext) -> outbox.OutboxSink:
+        """The `events`/`commands` dependency of one execution (writes to the outbox).
+
+        What it publishes belongs to the same conversation and was caused by this message.
+        """
+        return outbox.OutboxSink(uow.session, boundary, origin, correlation_id=context.correlation_id,
+                                 causation_id=context.message_id)
 
     def dependencies(self, binding: CommandBinding | SubscriberBinding, uow: UnitOfWork,
                      sink: outbox.OutboxSink, context: MessageContext) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from project.commands import body_of, check_route
 from project.contracts import Command, Event
 from project.db import outbox, utcnow
 from project.errors import NotACommand, WrongBoundary
+from project.headers import CAUSATION_HEADER, CORRELATION_HEADER, EVENT_ID
 from project.topology import event_exchange
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 EVENT_ID_NAMESPACE = uuid.UUID("0c6b2f5e-93d1-4a57-8a0b-6e3f4f1d2a77")
-EVENT_ID = "_event_id"  # body key of an event's id; a leading underscore is never a contract field
 
 
 @dataclass
@@ -106,14 +106,16 @@ def _publish_rows(bus: "Bus", rows: list[Any]) -> int:
     app = bus.app
     with app.producer_or_acquire() as producer:
         for row in rows:
+            headers = {CORRELATION_HEADER: row.correlation_id, CAUSATION_HEADER: row.causation_id}
             if row.kind == "event":
                 exchange = event_exchange(row.name)
                 app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer,
-                              exchange=exchange, routing_key=row.name, ignore_result=True,
+                              exchange=exchange, routing_key=row.name, ignore_result=True, headers=headers,
                               declare=[exchange, *bus.topology.subscriber_queues(row.name)])
             else:
                 check_route(row.name, {})
-                app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer, queue=row.name)
+                app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer,
+                              queue=row.name, headers=headers)
     with bus.engine().begin() as conn:
         conn.execute(update(outbox).where(outbox.c.id.in_([r.id for r in rows])).values(published_at=utcnow()))
     logger.debug("published %d outbox row(s)", len(rows))

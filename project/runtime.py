@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from project import deadletters
 from project.contracts import MessageContext
 from project.errors import InvalidMessage
+from project.headers import CORRELATION_HEADER
 from project.retry import Backoff
 
 if TYPE_CHECKING:
@@ -54,9 +55,11 @@ class BusTask(Task):
             ) from None
 
     def context(self, key: str) -> MessageContext:
+        """Who handles what: the conversation is the sender's, or starts with this message."""
         request = self.request
         return MessageContext(message_id=request.id, handler=self.name, idempotency_key=key,
-                              attempt=request.retries, correlation_id=request.correlation_id)
+                              attempt=request.retries,
+                              correlation_id=request.get(CORRELATION_HEADER) or request.id)
 
     def retry_or_dead_letter(self, exc: Exception, body: dict[str, Any]) -> Any:
         """Retry per the policy (raises Retry), or dead-letter and re-raise `exc`."""
@@ -76,5 +79,5 @@ class BusTask(Task):
             queue=self.name, boundary=self.binding.boundary, error=error, traceback=tb,
             headers={"task": self.name, "id": request.id, "retries": request.retries},
             body=json.dumps(body, default=str, sort_keys=True).encode(), content_type="application/json",
-            content_encoding="utf-8", correlation_id=request.correlation_id,
+            content_encoding="utf-8", correlation_id=request.get(CORRELATION_HEADER) or request.id,
         )

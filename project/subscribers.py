@@ -18,7 +18,7 @@ from sqlalchemy import update
 from project.db import inbox, utcnow
 from project.dispatch import own_queue
 from project.errors import InvalidMessage
-from project.outbox import EVENT_ID
+from project.headers import EVENT_ID
 from project.retry import Backoff
 from project.runtime import BusTask
 from project.uow import UnitOfWork
@@ -71,8 +71,8 @@ class SubscriberTask(BusTask):
                 uow.commit()
                 logger.info("%s already handled event %s: duplicate absorbed", self.name, event_id)
                 return []
-            sink = self.bus.sink(uow, self.binding.boundary, origin=f"{self.name}:{event_id}")
             context = self.context(f"{self.name}:{event_id}")
+            sink = self.bus.sink(uow, self.binding.boundary, f"{self.name}:{event_id}", context)
             self.binding.handler(event, **self.bus.dependencies(self.binding, uow, sink, context))
             uow.commit()
             return sink.written

@@ -64,11 +64,7 @@ class Bus:
         """Bind the one handler of `contract`; returns the command's Celery task."""
         def bind(handler: Callable[..., Any]) -> CommandTask:
             binding = self.registry.add_command(contract, handler, boundary)
-            self.app.amqp.queues[binding.name] = command_queue(binding)
-            return self.app.task(
-                name=binding.name, base=CommandTask, bind=True, shared=False,
-                bus=self, binding=binding, acks_late=True,
-            )(run_command)
+            return self._task(binding, command_queue(binding), CommandTask, run_command)
         return bind
 
     def subscriber(self, contract: type[Event], *, boundary: str,
@@ -80,12 +76,15 @@ class Bus:
         """
         def bind(handler: Callable[..., Any]) -> SubscriberTask:
             binding = self.registry.add_subscriber(contract, handler, boundary, retry)
-            self.app.amqp.queues[binding.name] = subscriber_queue(binding)
-            return self.app.task(
-                name=binding.name, base=SubscriberTask, bind=True, shared=False,
-                bus=self, binding=binding, acks_late=True,
-            )(run_subscriber)
+            return self._task(binding, subscriber_queue(binding), SubscriberTask, run_subscriber)
         return bind
+
+    def _task(self, binding: Any, queue: Any, base: type, body: Callable[..., Any]) -> Any:
+        """Register `binding`'s queue (as the topology defines it) and its Celery task."""
+        self.app.amqp.queues[binding.name] = queue
+        return self.app.task(name=binding.name, base=base, bind=True, shared=False,
+                             bus=self, binding=binding, acks_late=True)(body)
+
     def provide(self, name: str, factory: Provider) -> None:
         """Provide the handler dependency `name`, built per execution from the unit of work."""
         self._providers[name] = factory

@@ -29,7 +29,7 @@ class BusConsumer(Consumer):
             deadletters.record(
                 engine_for(load().database_url), reason=reason,
                 message_id=headers.get("id") or message.properties.get("correlation_id"),
-                task=headers.get("task"), queue=(message.delivery_info or {}).get("routing_key"),
+                task=headers.get("task"), queue=_queue_of(message),
                 error=f"{type(exc).__name__}: {exc}" if exc else "message is not a Celery task message",
                 traceback="".join(traceback.format_exception(exc)) if exc else None,
                 headers=headers, body=message.body, content_type=message.content_type,
@@ -59,3 +59,9 @@ class BusConsumer(Consumer):
 def _reason(exc: BaseException) -> str:
     """A refused serializer (pickle) is told apart from a body that cannot be decoded."""
     return "refused-content-type" if isinstance(exc, ContentDisallowed) else "undecodable"
+
+
+def _queue_of(message: Any) -> str | None:
+    """The queue a message came from (the routing key of a fanout copy names the event)."""
+    info = message.delivery_info or {}
+    return info.get("queue") or info.get("routing_key")

@@ -26,8 +26,11 @@ Wiring: ``install(app, {'billing.charge_payment': 'billing.charge_payment', ...}
 the app module sets the ``worker_consumer`` setting to a subclass of the consumer
 configured there (Celery's by default). Call it after the app's configuration is set.
 
-Retries: ``Task.retry()`` re-publishes to the exchange the message came from, so a
-retry of a fanned-out copy reaches every subscriber again. Pass
+Retries: ``Task.retry()`` re-publishes with the delivery's exchange and routing key:
+a fanned-out copy's retry reaches every subscriber again (or, if the event was
+published with an empty routing key, ends in the default queue ``celery``). A retried
+message came through the default exchange, and Celery's default for that is
+``queue=<routing key>``, i.e. that queue's own exchange: the fanout again. So pass
 ``**own_queue(queue)`` to every ``retry()`` of a subscriber (see :func:`own_queue`).
 """
 from __future__ import annotations
@@ -54,9 +57,10 @@ def copy_task_id(task_id: str, queue: str) -> str:
 def own_queue(queue: str) -> dict[str, str]:
     """Publishing options that reach `queue` only, through the default exchange.
 
-    Neither half is enough alone with Celery's router: ``queue=`` alone publishes to
-    the queue's own exchange (the fanout), and ``exchange=''`` without ``queue=`` is
-    turned into the default queue (``celery``) by ``send_task_message``.
+    Neither half is enough alone: ``queue=`` alone publishes to the queue's own
+    exchange (the fanout); ``exchange=''`` alone is turned by Celery's
+    ``send_task_message`` into a message for the default queue ``celery``, unless a
+    router supplies ``queue`` (the bus's ``route_by_name`` does).
     """
     return {'queue': queue, 'exchange': '', 'routing_key': queue}
 

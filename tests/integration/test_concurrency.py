@@ -1,0 +1,64 @@
+"""Concurrent duplicates: one key sent 20 times at once runs the handler once.
+
+Full matrix: embedded, Redis and RabbitMQ brokers, each with SQLite and PostgreSQL.
+The shared worker of the pair has 2 processes (-c 2) and a prefetch of 1, so the
+duplicates are claimed by both processes at the same time: the second claim of the
+key waits on the first one's transaction (PostgreSQL row lock, SQLite write lock),
+then finds its outcome.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.integration.helpers import FORK_HANG, ITEMS_TOTAL, PLACE_ORDER, order
+from tests.integration.scenarios import Scenario
+
+pytestmark = pytest.mark.integration
+TIMES = 20
+
+
+def test_twenty_concurrent_duplicates_run_the_handler_once(cluster: Scenario, uid: str):
+    # Given one order and one idempotency key
+    fields, key = order(f"o-{uid}"), f"checkout-{uid}"
+
+    # When the same command is sent 20 times back to back, faster than one is handled
+    ids = cluster.client.burst(PLACE_ORDER, fields, key, TIMES)
+
+    # Then every send got the same AsyncResult, holding the handler's result
+    assert set(ids) == {ids[0]}
+    assert cluster.client.get(ids[0]) == {"order_id": f"o-{uid}", "total": ITEMS_TOTAL}
+    # and all 20 deliveries were processed: 1 execution, 19 absorbed by the claim
+    cluster.wait_for("19 absorbed duplicates", lambda: cluster.rows(
+        "SELECT 1 FROM bus_commands WHERE task = :t AND key = :k AND duplicates = :n",
+        t=PLACE_ORDER, k=key, n=TIMES - 1))
+    [(status, duplicates)] = cluster.rows("SELECT status, duplicates FROM bus_commands WHERE task = :t AND key = :k",
+                                          t=PLACE_ORDER, k=key)
+    assert (status, duplicates) == ("succeeded", TIMES - 1)
+    # and the handler's effect exists once; no delivery failed or was dead-lettered
+    assert cluster.rows("SELECT count(*) FROM orders WHERE order_id = :o", o=f"o-{uid}") == [(1,)]
+    assert cluster.rows("SELECT reason FROM bus_dead_letters WHERE message_id = :m", m=ids[0]) == []
+
+
+def pool_processes_that_handled(log: str, key: str) -> set[str]:
+    """Which pool processes (ForkPoolWorker-N) logged a delivery of `key`."""
+    return set(re.findall(rf"/(ForkPoolWorker-\d+)\] .*key {re.escape(repr(key))}", log))
+
+
+def test_a_burst_is_shared_by_both_worker_processes(cluster: Scenario, uid: str, request: pytest.FixtureRequest):
+    """The premise of the test above: the two processes really race for the key."""
+    if cluster.broker in ("redis", "embedded"):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=FORK_HANG))
+    # Given the shared worker with 2 processes
+    key = f"checkout-{uid}"
+
+    # When one key is sent 20 times back to back
+    ids = cluster.client.burst(PLACE_ORDER, order(f"o-{uid}"), key, TIMES)
+    cluster.client.get(ids[0])
+    cluster.wait_for("19 absorbed duplicates", lambda: cluster.rows(
+        "SELECT 1 FROM bus_commands WHERE task = :t AND key = :k AND duplicates = :n",
+        t=PLACE_ORDER, k=key, n=TIMES - 1))
+
+    # Then both pool processes handled deliveries of it
+    assert pool_processes_that_handled(cluster.worker.logfile.read_text(), key) == {"ForkPoolWorker-1", "ForkPoolWorker-2"}

@@ -20,12 +20,13 @@ from celery import Celery
 from celery.result import AsyncResult
 from sqlalchemy.engine import Engine
 
-from project import embedded
-from project import idempotency, outbox
+from project import embedded, idempotency, outbox
 from project.commands import CommandTask, body_of, check_route, run_command
 from project.contracts import Command, Event, MessageContext
 from project.db import engine_for, utcnow
 from project.errors import MissingDependency, NotACommand
+from project.execution import Execution
+from project.outbox import Publisher
 from project.registry import CommandBinding, Registry, SubscriberBinding
 from project.retry import Backoff, default_command_policy
 from project.settings import Settings, load
@@ -47,6 +48,9 @@ class Bus:
         self.registry = Registry()
         self.topology = Topology(self.registry)
         self.command_policy = command_policy or default_command_policy()
+        self.execution = Execution(self)
+        #: where committed outbox rows go: the broker (the test harness puts its own here)
+        self.publisher: Publisher = outbox.BrokerPublisher(self)
         self._providers: dict[str, Provider] = {}
         self._broker_checked = False
         self._lock = threading.Lock()
@@ -104,15 +108,6 @@ class Bus:
         return {name: builtins[name] if name in builtins else self._providers[name](uow)
                 for name in self.check_dependencies(binding)}
 
-    def publish_after_commit(self, ids: list[str]) -> None:
-        """Publish what an execution committed to the outbox; on failure the relay will."""
-        if not ids:
-            return
-        try:
-            outbox.publish(self, ids)
-        except Exception:  # the rows are committed: `bus relay` / the beat relay publishes them
-            logger.warning("publishing %d outbox row(s) failed; the relay will retry", len(ids), exc_info=True)
-
     def check_dependencies(self, binding: CommandBinding | SubscriberBinding) -> list[str]:
         """The handler's dependency names; raise if one has no provider."""
         names = [p.name for p in inspect.signature(binding.handler).parameters.values()
@@ -133,6 +128,7 @@ class Bus:
             raise NotACommand(_not_a_command_hint(command))
         name = command.task_name()
         check_route(name, options)
+        options.pop("queue", None)  # its own queue (check_route refused any other)
         body, task_id = body_of(command, idempotency_key)
         self.ensure_broker()
         return self.app.send_task(name, kwargs=body, task_id=options.pop("task_id", task_id),

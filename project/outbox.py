@@ -15,7 +15,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -75,6 +75,27 @@ class OutboxSink:
             id=row_id, kind=kind, name=name, payload=payload, created_at=utcnow(),
             correlation_id=self.correlation_id, causation_id=self.causation_id))
         self.written.append(row_id)
+
+
+class Publisher(Protocol):
+    """Takes the ids of outbox rows an execution committed."""
+
+    def publish(self, ids: list[str]) -> None: ...
+
+
+class BrokerPublisher:
+    """Publishes committed rows to the broker at once; on failure the relay will."""
+
+    def __init__(self, bus: "Bus") -> None:
+        self.bus = bus
+
+    def publish(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        try:
+            publish(self.bus, ids)
+        except Exception:  # the rows are committed: `bus relay` / the beat relay publishes them
+            logger.warning("publishing %d outbox row(s) failed; the relay will retry", len(ids), exc_info=True)
 
 
 def publish(bus: "Bus", ids: list[str]) -> int:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from project.contracts import Command, Event, snake_case
 from project.errors import DuplicateCommandHandler, NotACommand, WrongBoundary
+from project.retry import DEFAULT_SUBSCRIBER_POLICY
 
 
 def describe(func: Callable[..., Any]) -> str:
@@ -56,7 +57,7 @@ class SubscriberBinding:
     contract: type[Event]
     handler: Callable[..., Any]
     boundary: str
-    retry: Any = None
+    retry: Any = None  # its Backoff policy (the registry fills in the default)
 
     @property
     def name(self) -> str:
@@ -110,7 +111,7 @@ class Registry:
                 f"bus.subscriber() takes an Event contract class, got {contract!r}"
                 + ("; a command has one handler: use bus.command()" if _is_command(contract) else "")
             )
-        binding = SubscriberBinding(contract, handler, boundary, retry)
+        binding = SubscriberBinding(contract, handler, boundary, retry or DEFAULT_SUBSCRIBER_POLICY)
         existing = self.subscribers.get(binding.name)
         if existing is not None and existing.handler is not handler:
             raise DuplicateCommandHandler(

@@ -48,3 +48,7 @@ class Backoff:
 def default_command_policy() -> Backoff:
     """Commands retry only infrastructure failures; a handler bug is dead-lettered at once."""
     return Backoff(max_retries=5, base=0.5, cap=30.0, retry_on=transient_errors())
+
+
+#: subscribers retry any failure but domain errors: 5 times, from ~1 s up to a minute apart
+DEFAULT_SUBSCRIBER_POLICY = Backoff(max_retries=5, base=1.0, cap=60.0)

@@ -1,0 +1,19 @@
+"""The inbox: (event, subscriber) claimed in the subscriber's transaction, so it runs once."""
+from __future__ import annotations
+
+from sqlalchemy import update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from project.db import inbox, utcnow
+
+
+def claim(session: Session, event_id: str, subscriber: str) -> bool:
+    """Claim (event, subscriber) in the current transaction; False (counted) if it already ran."""
+    insert = (postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert)(inbox)
+    stmt = insert.values(event_id=event_id, subscriber=subscriber, duplicates=0, processed_at=utcnow())
+    if session.execute(stmt.on_conflict_do_nothing().returning(inbox.c.event_id)).first() is not None:
+        return True
+    session.execute(update(inbox).where(inbox.c.event_id == event_id, inbox.c.subscriber == subscriber)
+                    .values(duplicates=inbox.c.duplicates + 1))
+    return False

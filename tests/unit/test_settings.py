@@ -1,0 +1,80 @@
+"""Settings from the environment: embedded by default, production parts by URL, bad URLs refused."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from project.errors import ConfigurationError
+from project.settings import load
+
+
+def test_no_environment_means_everything_embedded_under_dot_bus(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = load({})
+    assert settings.embedded and settings.broker_kind == "embedded"
+    assert settings.home == tmp_path / ".bus"
+    assert settings.broker_url == f"redis+socket://{tmp_path}/.bus/redis.sock"
+    assert settings.socket_path == tmp_path / ".bus" / "redis.sock"
+    assert settings.database_url == f"sqlite:///{tmp_path}/.bus/bus.db"
+    assert settings.result_backend == settings.broker_url  # results next to the messages
+
+
+def test_bus_home_moves_the_embedded_parts(tmp_path):
+    settings = load({"BUS_HOME": str(tmp_path / "elsewhere")})
+    assert settings.broker_url == f"redis+socket://{tmp_path}/elsewhere/redis.sock"
+    assert settings.database_url == f"sqlite:///{tmp_path}/elsewhere/bus.db"
+
+
+def test_redis_broker_keeps_results_in_redis():
+    settings = load({"CELERY_BROKER_URL": "redis://127.0.0.1:6379/3", "BUS_HOME": "/tmp/x"})
+    assert (settings.embedded, settings.broker_kind) == (False, "redis")
+    assert settings.result_backend == "redis://127.0.0.1:6379/3"
+
+
+def test_rabbitmq_broker_keeps_results_in_the_bus_database():
+    settings = load({"CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/v",
+                     "BUS_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/bus"})
+    assert settings.broker_kind == "amqp"
+    assert settings.result_backend == "db+postgresql+psycopg://postgres@127.0.0.1:5432/bus"
+
+
+def test_explicit_result_backend_wins_and_values_are_stripped():
+    settings = load({"CELERY_BROKER_URL": "  amqp://h//  ", "CELERY_RESULT_BACKEND": " redis://h:6379/1 "})
+    assert settings.broker_url == "amqp://h//"
+    assert settings.result_backend == "redis://h:6379/1"
+
+
+def test_plain_postgresql_url_uses_psycopg():
+    settings = load({"BUS_DATABASE_URL": "postgresql://u@h:5432/bus", "BUS_HOME": "/tmp/x"})
+    assert settings.database_url == "postgresql+psycopg://u@h:5432/bus"
+
+
+def test_empty_values_mean_unset(tmp_path):
+    settings = load({"BUS_HOME": str(tmp_path), "CELERY_BROKER_URL": " ", "BUS_DATABASE_URL": ""})
+    assert settings.embedded
+    assert settings.database_url == f"sqlite:///{tmp_path}/bus.db"
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "kafka://h:9092", "sqs://", "memory://", "127.0.0.1:6379"])
+def test_unsupported_broker_is_refused_with_the_accepted_forms(url):
+    with pytest.raises(ConfigurationError) as error:
+        load({"CELERY_BROKER_URL": url})
+    assert str(error.value) == (
+        f"CELERY_BROKER_URL={url!r} is not a broker the bus supports; use redis://host:6379/0 or "
+        "amqp://user:pass@host:5672/vhost, or unset it for the embedded broker")
+
+
+@pytest.mark.parametrize("url", ["mysql://u@h/db", "postgres://u@h/db", "bus.db", "sqlite:"])
+def test_unsupported_database_is_refused_with_the_accepted_forms(url):
+    with pytest.raises(ConfigurationError) as error:
+        load({"BUS_DATABASE_URL": url})
+    assert str(error.value).startswith(f"BUS_DATABASE_URL={url!r} is not supported; use "
+                                       "postgresql+psycopg://user@host:5432/db or sqlite:///path/to/bus.db")
+
+
+def test_settings_are_read_from_the_environment_by_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUS_HOME", str(tmp_path))
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://h:6379/9")
+    assert load().broker_url == "redis://h:6379/9"
+    assert load().home == Path(tmp_path)

@@ -77,4 +77,4 @@ class CommandTask(BusTask):
 
 def run_command(task: CommandTask, **fields: Any) -> Any:
     """The body of every command task."""
-    return task.run_execution(task.bus.execution.command, fields)
+    return task.run_execution(task.bus.execution.command, fields).value

@@ -13,8 +13,9 @@ import inspect
 import logging
 import threading
 from datetime import timedelta
+from contextlib import contextmanager
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from celery import Celery
 from celery.result import AsyncResult
@@ -52,6 +53,7 @@ class Bus:
         #: where committed outbox rows go: the broker (the test harness puts its own here)
         self.publisher: Publisher = outbox.BrokerPublisher(self)
         self._providers: dict[str, Provider] = {}
+        self._database_url: str | None = None
         self._broker_checked = False
         self._lock = threading.Lock()
 
@@ -61,7 +63,17 @@ class Bus:
 
     def engine(self) -> Engine:
         """This process's engine of the bus database."""
-        return engine_for(self.settings.database_url)
+        return engine_for(self._database_url or self.settings.database_url)
+
+    @contextmanager
+    def redirected(self, *, database_url: str, publisher: Publisher) -> Iterator["Bus"]:
+        """Run this bus against another database and publisher (the in-process test harness)."""
+        saved = self._database_url, self.publisher
+        self._database_url, self.publisher = database_url, publisher
+        try:
+            yield self
+        finally:
+            self._database_url, self.publisher = saved
 
     # ---- binding -----------------------------------------------------------------
     def command(self, contract: type[Command], *, boundary: str | None = None) -> Callable[[Callable], CommandTask]:
@@ -92,6 +104,10 @@ class Bus:
     def provide(self, name: str, factory: Provider) -> None:
         """Provide the handler dependency `name`, built per execution from the unit of work."""
         self._providers[name] = factory
+
+    def provider(self, name: str) -> Provider:
+        """The factory of dependency `name` (KeyError if nothing provides it)."""
+        return self._providers[name]
 
     def sink(self, uow: UnitOfWork, boundary: str, origin: str, context: MessageContext) -> outbox.OutboxSink:
         """The `events`/`commands` dependency of one execution (writes to the outbox).

@@ -131,3 +131,11 @@ def forget_engines() -> None:
         for engine in _engines.values():
             engine.dispose(close=False)
         _engines.clear()
+
+
+def dispose(url: str) -> None:
+    """Close and forget this process's engine of `url` (e.g. a test database being deleted)."""
+    with _lock:
+        engine = _engines.pop(url, None)
+    if engine is not None:
+        engine.dispose()

@@ -51,6 +51,14 @@ class Delivery:
                               attempt=self.attempt, correlation_id=self.correlation_id or self.message_id)
 
 
+@dataclass(frozen=True)
+class Executed:
+    """The outcome of a delivery: the handler's (or the stored) result, and whether it ran now."""
+
+    value: Any
+    ran: bool
+
+
 class RetryLater(Exception):
     """The policy retries this failure after `delay` seconds (on the message's own queue)."""
 
@@ -66,7 +74,7 @@ class Execution:
         self.bus = bus
 
     # ---- commands ----------------------------------------------------------------
-    def command(self, binding: "CommandBinding", fields: dict[str, Any], delivery: Delivery) -> Any:
+    def command(self, binding: "CommandBinding", fields: dict[str, Any], delivery: Delivery) -> Executed:
         """Run a command's handler once per idempotency key; its result (or the stored one)."""
         fields = dict(fields)
         key = fields.pop(IDEMPOTENCY_KEY, None)
@@ -79,11 +87,12 @@ class Execution:
             raise
         except Exception as exc:
             raise self._failure(binding, self.bus.command_policy, exc, {**payload, IDEMPOTENCY_KEY: key}, delivery)
-        self.bus.publisher.publish(published)
-        return result
+        self.bus.publisher.publish(published or [])
+        return Executed(result, ran=published is not None)
 
     def _command_once(self, binding, command: Command, key: str, payload: dict[str, Any],
-                      delivery: Delivery) -> tuple[Any, list[str]]:
+                      delivery: Delivery) -> tuple[Any, list[str] | None]:
+        """(result, outbox ids written) if the handler ran, (stored result, None) for a duplicate."""
         name, digest = binding.name, payload_hash(payload)
         with UnitOfWork(self.bus.engine()) as uow:
             if not idempotency.claim(uow.session, name, key, digest, payload, delivery.message_id):
@@ -92,7 +101,7 @@ class Execution:
                     idempotency.absorbed(uow.session, name, key)
                     logger.info("%s key %r already handled: duplicate absorbed", name, key)
                 uow.commit()
-                return self._replay(binding, outcome, key, digest, payload, delivery), []
+                return self._replay(binding, outcome, key, digest, payload, delivery), None
             context = delivery.context(key)
             sink = self.bus.sink(uow, binding.boundary, f"{name}:{key}", context)
             try:
@@ -130,8 +139,8 @@ class Execution:
         return outcome.result
 
     # ---- subscribers -------------------------------------------------------------
-    def subscriber(self, binding: "SubscriberBinding", fields: dict[str, Any], delivery: Delivery) -> bool:
-        """Run a subscriber once per event; False if it had already handled the event."""
+    def subscriber(self, binding: "SubscriberBinding", fields: dict[str, Any], delivery: Delivery) -> Executed:
+        """Run a subscriber once per event (`ran` is False if it had already handled it)."""
         fields = dict(fields)
         event_id = fields.pop(EVENT_ID, None) or delivery.root_id or delivery.message_id
         body = {**fields, EVENT_ID: event_id}
@@ -141,7 +150,7 @@ class Execution:
         except Exception as exc:
             raise self._failure(binding, binding.retry, exc, body, delivery)
         self.bus.publisher.publish(published)
-        return ran
+        return Executed(None, ran)
 
     def _subscriber_once(self, binding, event, event_id: str, delivery: Delivery) -> tuple[bool, list[str]]:
         with UnitOfWork(self.bus.engine()) as uow:

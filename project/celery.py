@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from celery import Celery, signals
 
-from project import dispatch, outbox, redis_transport
+from project import dispatch, dlx, outbox, redis_transport
 from project.durations import parse_duration
 from project.core import Bus
 from project.db import forget_engines
@@ -21,6 +21,7 @@ app.config_from_object("celeryconfig")
 app.conf.task_routes = ("project.routing.route_by_name",)
 bus = Bus(app)
 install(app, bus)
+dlx.install(app)  # RabbitMQ: keep what the broker dead-letters (project/dlx.py)
 
 
 @signals.celeryd_init.connect

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from project.cli_dlq import dlq_cli
 from project.durations import parse_duration
 
 cli = typer.Typer(help="celery-bus: commands with one owner, events with many listeners.",
@@ -20,6 +21,7 @@ db_cli = typer.Typer(help="The bus database.", no_args_is_help=True)
 embedded_cli = typer.Typer(help="The embedded broker under .bus/ (no servers needed).", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(embedded_cli, name="embedded")
+cli.add_typer(dlq_cli, name="dlq")
 console = Console()
 
 

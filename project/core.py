@@ -32,7 +32,7 @@ from project.registry import CommandBinding, Registry, SubscriberBinding
 from project.retry import Backoff, default_command_policy
 from project.settings import Settings, load
 from project.subscribers import SubscriberTask, run_subscriber
-from project.topology import Topology, command_queue, subscriber_queue
+from project.topology import Topology, command_queue, named_command_queue, subscriber_queue
 from project.uow import UnitOfWork
 
 logger = logging.getLogger(__name__)
@@ -147,8 +147,9 @@ class Bus:
         options.pop("queue", None)  # its own queue (check_route refused any other)
         body, task_id = body_of(command, idempotency_key)
         self.ensure_broker()
+        # the topology's queue (not a bare name): its declaration must match the workers'
         return self.app.send_task(name, kwargs=body, task_id=options.pop("task_id", task_id),
-                                  queue=name, **options)
+                                  queue=named_command_queue(name), **options)
 
     def purge_keys(self, age: timedelta) -> int:
         """Forget idempotency keys claimed longer than `age` ago; the number forgotten."""

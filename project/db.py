@@ -58,6 +58,9 @@ dead_letters = Table(
     Column("correlation_id", String(64)),
     Column("first_failed_at", DateTime(timezone=True), nullable=False, default=utcnow),
     Column("last_failed_at", DateTime(timezone=True), nullable=False, default=utcnow),
+    # `bus dlq replay` re-sent it (kept for the record; a new failure clears replayed_at)
+    Column("replays", Integer, nullable=False, default=0, server_default="0"),
+    Column("replayed_at", DateTime(timezone=True)),
     UniqueConstraint("message_id", "task", "reason", name="uq_dead_letter_message"),
 )
 

@@ -18,7 +18,7 @@ from project.db import dead_letters, utcnow
 logger = logging.getLogger(__name__)
 
 REASONS = ("invalid", "conflict", "retries-exhausted", "unknown-task", "undecodable",
-           "refused-content-type", "too-large")
+           "refused-content-type", "too-large", "rejected-by-broker")
 
 
 def record(engine: Engine, *, reason: str, message_id: str | None, task: str | None,
@@ -38,7 +38,8 @@ def record(engine: Engine, *, reason: str, message_id: str | None, task: str | N
         found = conn.execute(select(dead_letters.c.id).where(*match)).first() if message_id else None
         if found:
             conn.execute(update(dead_letters).where(dead_letters.c.id == found.id).values(
-                attempts=dead_letters.c.attempts + 1, last_failed_at=now, error=error, traceback=traceback))
+                attempts=dead_letters.c.attempts + 1, last_failed_at=now, error=error, traceback=traceback,
+                replayed_at=None))  # failed again after a replay: pending again
         else:
             conn.execute(dead_letters.insert().values(
                 message_id=message_id, task=task, queue=queue, boundary=boundary, reason=reason,

@@ -4,7 +4,9 @@ Publishers, workers, the CLI and the docs all read the broker layout from here:
 - a command gets a durable direct exchange and queue, both named after its task
   (`orders.place_order`), which is also what Celery creates for `queue=<name>`;
 - an event gets a durable fanout exchange `events.<snake_event>`;
-- a subscriber gets a durable queue `<boundary>.<handler>` bound to its event's exchange.
+- a subscriber gets a durable queue `<boundary>.<handler>` bound to its event's exchange;
+- on RabbitMQ with BUS_RABBITMQ_DEAD_LETTERS=arguments, both kinds of queue dead-letter
+  to `bus.dead_letter` (project/dlx.py).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any, Iterable
 
 from kombu import Exchange, Queue
 
+from project import dlx
 from project.contracts import Event
 from project.registry import CommandBinding, Registry, SubscriberBinding
 
@@ -29,8 +32,13 @@ def maintenance_queue() -> Queue:
 
 def command_queue(binding: CommandBinding) -> Queue:
     """The dedicated queue of a command."""
-    return Queue(binding.name, Exchange(binding.name, type="direct", durable=True),
-                 routing_key=binding.name, durable=True)
+    return named_command_queue(binding.name)
+
+
+def named_command_queue(name: str) -> Queue:
+    """The queue of command task `name`, for senders that do not load its binding."""
+    return Queue(name, Exchange(name, type="direct", durable=True),
+                 routing_key=name, durable=True, queue_arguments=dlx.queue_arguments())
 
 
 def event_exchange(exchange_name: str) -> Exchange:
@@ -41,7 +49,7 @@ def event_exchange(exchange_name: str) -> Exchange:
 def subscriber_queue(binding: SubscriberBinding) -> Queue:
     """A subscriber's own durable queue, bound to its event's fanout exchange."""
     return Queue(binding.name, event_exchange(binding.contract.exchange_name()),
-                 routing_key=binding.name, durable=True)
+                 routing_key=binding.name, durable=True, queue_arguments=dlx.queue_arguments())
 
 
 @dataclass(frozen=True)

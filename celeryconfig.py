@@ -29,10 +29,22 @@ task_acks_on_failure = True
 # killed worker has at most one in-flight message per process to redeliver.
 worker_prefetch_multiplier = int(os.environ.get("BUS_PREFETCH", "1"))
 # Redis redelivers an unacked message only after this many seconds (RabbitMQ at once on
-# connection loss). It must exceed the longest handler run, or a slow message runs twice
-# (harmless: the idempotency claim absorbs it, but it costs). Recovery after a whole-worker
-# SIGKILL on Redis takes up to this long.
-broker_transport_options = {"visibility_timeout": int(os.environ.get("BUS_VISIBILITY_TIMEOUT", "300"))}
+# connection loss). It must exceed the longest handler run plus the longest retry
+# countdown (a countdown is waited out by the worker holding the message unacked:
+# subscriber policies cap at 60 s, commands at 30 s), or a slow message runs twice
+# (harmless: the claim or the inbox absorbs it, but it costs).
+# A pool process killed mid-handler is redelivered at once on both brokers (its worker
+# rejects the message with requeue). A whole worker killed (SIGKILL, OOM, power) on Redis
+# leaves its messages unacked: another worker restores them once they are older than
+# visibility_timeout, on its sweep every unacked_restore_interval seconds. Recovery
+# therefore takes up to BUS_VISIBILITY_TIMEOUT + BUS_UNACKED_RESTORE_INTERVAL seconds
+# (300 + 5 by default; kombu's own sweep, 10 s x throttle 10, would add up to 100 s).
+# docs/failures.md has the measurements.
+broker_transport_options = {
+    "visibility_timeout": int(os.environ.get("BUS_VISIBILITY_TIMEOUT", "300")),
+    "unacked_restore_interval": int(os.environ.get("BUS_UNACKED_RESTORE_INTERVAL", "5")),
+    "unacked_restore_throttle": 1,  # scan on every sweep (one ZRANGE per interval and worker)
+}
 broker_connection_retry_on_startup = True
 
 # Operators watch the bus in Flower.
@@ -46,6 +58,10 @@ include = [m for m in os.environ.get(
 
 # The bus's consumer: dead-letters undecodable, unknown and refused messages.
 worker_consumer = "project.consumer:BusConsumer"
+# Bodies over this many bytes are dead-lettered ('too-large') before they are decoded:
+# one huge message must not take a worker's memory, nor block its queue by crashing it
+# again on every redelivery. 0 turns the check off.
+bus_max_message_bytes = int(os.environ.get("BUS_MAX_MESSAGE_BYTES", str(1024 * 1024)))
 
 # Idempotency keys are kept this long, then purged by beat (`bus purge-keys` by hand).
 bus_key_retention = os.environ.get("BUS_KEY_RETENTION", "30d")

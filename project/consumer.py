@@ -1,8 +1,9 @@
 """The worker's consumer: messages Celery would log and drop are dead-lettered first.
 
-Undecodable bodies, refused content types (pickle), unknown task names and malformed
-task messages are stored with the original headers and body, then acked; the worker
-keeps running.
+Undecodable bodies, refused content types (pickle), unknown task names, malformed task
+messages and bodies over `bus_max_message_bytes` are stored with the original headers
+and body, then acked (not rejected: on RabbitMQ a reject would dead-letter the message
+a second time through the queue's dead-letter exchange); the worker keeps running.
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import Any
 
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
+from vine import promise
 
 from project import deadletters
 from project.db import engine_for
+from project.redis_transport import NOT_A_MESSAGE
 from project.settings import load
 
 logger = logging.getLogger(__name__)
@@ -23,14 +26,31 @@ logger = logging.getLogger(__name__)
 class BusConsumer(Consumer):
     """Celery's consumer, with a dead-letter record before every drop."""
 
-    def _keep(self, message: Any, reason: str, exc: BaseException | None) -> None:
+    def create_task_handler(self, promise=promise):
+        handle = super().create_task_handler(promise)
+        limit = int(self.app.conf.get("bus_max_message_bytes") or 0)
+
+        def on_task_received(message: Any) -> Any:
+            size = len(message.body or b"")
+            if limit and size > limit:
+                self._keep(message, "too-large", None,
+                           error=f"body of {size} bytes is over bus_max_message_bytes={limit}")
+                logger.error("message %r of %d bytes is over the %d-byte limit: dead-lettered",
+                             (message.headers or {}).get("id"), size, limit)
+                return None
+            return handle(message)
+
+        return on_task_received
+
+    def _keep(self, message: Any, reason: str, exc: BaseException | None, error: str | None = None) -> Any:
+        """Record `message` as a dead letter and ack it; a stand-in on which Celery's ack/reject are no-ops."""
         headers = dict(message.headers or {})
         try:
             deadletters.record(
                 engine_for(load().database_url), reason=reason,
                 message_id=headers.get("id") or message.properties.get("correlation_id"),
-                task=headers.get("task"), queue=_queue_of(message),
-                error=f"{type(exc).__name__}: {exc}" if exc else "message is not a Celery task message",
+                task=headers.get("task"), queue=_queue_of(message, self),
+                error=error or (f"{type(exc).__name__}: {exc}" if exc else "message is not a Celery task message"),
                 traceback="".join(traceback.format_exception(exc)) if exc else None,
                 headers=headers, body=message.body, content_type=message.content_type,
                 content_encoding=message.content_encoding,
@@ -38,22 +58,41 @@ class BusConsumer(Consumer):
         except Exception:  # the record failed: leave the message to Celery's default handling
             logger.exception("could not dead-letter message %r", headers.get("id"))
             raise
+        message.ack()
+        return _Settled(message)
 
     def on_decode_error(self, message, exc):
-        self._keep(message, _reason(exc), exc)
-        super().on_decode_error(message, exc)
+        if message.content_type == NOT_A_MESSAGE:
+            kept = self._keep(message, "undecodable", None,
+                              error="the Redis list item is not a kombu message (not JSON with kombu's "
+                                    "properties); its bytes are the body")
+        else:
+            kept = self._keep(message, _reason(exc), exc)
+        super().on_decode_error(kept, exc)
 
     def on_unknown_message(self, body, message):
-        self._keep(message, "undecodable", None)
-        super().on_unknown_message(body, message)
+        super().on_unknown_message(body, self._keep(message, "undecodable", None))
 
     def on_unknown_task(self, body, message, exc):
-        self._keep(message, "unknown-task", exc)
-        super().on_unknown_task(body, message, exc)
+        super().on_unknown_task(body, self._keep(message, "unknown-task", exc), exc)
 
     def on_invalid_task(self, body, message, exc):
-        self._keep(message, _reason(exc), exc)
-        super().on_invalid_task(body, message, exc)
+        super().on_invalid_task(body, self._keep(message, _reason(exc), exc), exc)
+
+
+class _Settled:
+    """A message already recorded and acked: Celery's own ack/reject after logging do nothing."""
+
+    def __init__(self, message: Any) -> None:
+        self._message = message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._message, name)
+
+    def ack(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    reject = ack_log_error = reject_log_error = requeue = ack
 
 
 def _reason(exc: BaseException) -> str:
@@ -61,7 +100,14 @@ def _reason(exc: BaseException) -> str:
     return "refused-content-type" if isinstance(exc, ContentDisallowed) else "undecodable"
 
 
-def _queue_of(message: Any) -> str | None:
-    """The queue a message came from (the routing key of a fanout copy names the event)."""
+def _queue_of(message: Any, consumer: Any = None) -> str | None:
+    """The queue a message came from (the routing key of a fanout copy names the event).
+
+    Messages refused before the queue dispatch saw them have no `queue` yet: the
+    consumer tag of the delivery names it (AMQP reports it; project.redis_transport adds it).
+    """
     info = message.delivery_info or {}
-    return info.get("queue") or info.get("routing_key")
+    tag = info.get("consumer_tag")
+    active = getattr(getattr(consumer, "task_consumer", None), "_active_tags", None) or {}
+    by_tag = next((queue for queue, t in active.items() if t == tag), None) if tag is not None else None
+    return info.get("queue") or by_tag or info.get("routing_key")

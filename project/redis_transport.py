@@ -19,6 +19,12 @@ for the bus's event exchanges only, i.e. for every exchange for which
 - queues bound to such an exchange are consumed with BRPOP like any list queue,
   not with SUBSCRIBE.
 
+A list item that is not a kombu message at all (not JSON, or JSON without kombu's
+``properties``, e.g. pushed by hand) would make kombu raise in the worker's event loop
+and end the worker; the item would be gone. It is delivered instead as a message with
+content type :data:`NOT_A_MESSAGE` and the item's bytes as body, which the worker's
+consumer refuses and dead-letters like any undecodable message.
+
 Every consumed message (any exchange) also gets ``delivery_info['consumer_tag']``,
 as AMQP's basic.deliver has: it lets the worker tell which queue a message came from.
 Every other exchange keeps kombu's behaviour, e.g. Celery's ``*.pidbox`` broadcast
@@ -40,13 +46,15 @@ URL, takes the part before ``+`` as the transport name and silently drops the se
 """
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any, Mapping
 from uuid import uuid4
 
 from kombu import transport as kombu_transport
 from kombu.transport import redis as kombu_redis
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 from kombu.utils.objects import cached_property
 
 logger = logging.getLogger(__name__)
@@ -55,6 +63,8 @@ EVENT_EXCHANGE_PREFIX = 'events.'
 #: ``delivery_info`` key naming the queue a copy was pushed into.
 QUEUE_KEY = 'queue'
 TRANSPORT = f'{__name__}:Transport'
+#: content type of a list item that was not a kombu message (its bytes are the body)
+NOT_A_MESSAGE = 'application/x-bus-not-a-kombu-message'
 
 # KEYS[1]: the exchange's binding table. ARGV: the message as JSON with two
 # placeholder strings, for its delivery tag and for its queue; both placeholders; a
@@ -150,11 +160,57 @@ class Channel(kombu_redis.Channel):
             exchange, routing_key = '', queue
         return super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
 
+    def _brpop_read(self, **options):
+        # kombu's own, but for the item's parsing (see _parse): a foreign item must not
+        # raise in the worker's event loop.
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, 'BRPOP', **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise kombu_redis.Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            self.connection._deliver(_parse(item, dest), dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _get(self, queue):
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                item = client.rpop(self._q_for_pri(queue, pri))
+                if item:
+                    self._maybe_update_queues_expire(client, queue)
+                    return _parse(item, queue)
+            self._maybe_update_queues_expire(client, queue)
+            raise kombu_redis.Empty()
+
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
         def deliver(message):
             message.delivery_info.setdefault('consumer_tag', consumer_tag)
             return callback(message)
         return super().basic_consume(queue, no_ack, deliver, consumer_tag, **kwargs)
+
+
+def _parse(item: bytes, queue: str) -> dict[str, Any]:
+    """kombu's message dict of a list item; a foreign item becomes a NOT_A_MESSAGE message."""
+    try:
+        payload = loads(bytes_to_str(item))
+        if isinstance(payload, dict) and 'delivery_tag' in (payload.get('properties') or {}):
+            return payload
+    except (ValueError, TypeError):
+        pass
+    raw = item if isinstance(item, bytes) else str(item).encode()
+    return {'body': base64.b64encode(raw).decode('ascii'), 'content-encoding': 'binary',
+            'content-type': NOT_A_MESSAGE, 'headers': {},
+            'properties': {'body_encoding': 'base64', 'delivery_tag': str(uuid4()), 'priority': 0,
+                           'delivery_mode': 2,
+                           'delivery_info': {'exchange': '', 'routing_key': queue, QUEUE_KEY: queue}}}
 
 
 class Transport(kombu_redis.Transport):

@@ -86,6 +86,18 @@ inbox = Table(
     Column("processed_at", DateTime(timezone=True), nullable=False, default=utcnow, index=True),
 )
 
+#: commands accepted by an intake (HTTP API) before any worker saw them: pending vs unknown
+intake = Table(
+    "bus_intake", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("task", String(200), nullable=False),
+    Column("key", String(500), nullable=False),
+    Column("payload_hash", String(64), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("accepted_at", DateTime(timezone=True), nullable=False, default=utcnow),
+    UniqueConstraint("task", "key", name="uq_intake_task_key"),
+)
+
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 _pid = os.getpid()

@@ -13,10 +13,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from project.db import commands, utcnow
+from project.insert import insert_ignore
 
 #: namespace of task ids derived from idempotency keys (never change it once released)
 TASK_ID_NAMESPACE = uuid.UUID("5b0e7a52-6c4f-4b55-9a3e-2f7c1d0b8e11")
@@ -44,17 +44,13 @@ class Outcome:
     error_message: str | None
 
 
-def _insert(session: Session):
-    return (postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert)(commands)
-
-
 def claim(session: Session, task: str, key: str, payload_hash: str, payload: dict[str, Any],
           message_id: str) -> bool:
     """Claim the key in the current transaction; False if it was already claimed."""
-    stmt = _insert(session).values(
+    stmt = insert_ignore(session, commands).values(
         task=task, key=key, payload_hash=payload_hash, payload=payload, status="running",
         message_id=message_id, duplicates=0, created_at=utcnow(),
-    ).on_conflict_do_nothing().returning(commands.c.key)
+    ).returning(commands.c.key)
     return session.execute(stmt).first() is not None
 
 

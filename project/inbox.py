@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 from sqlalchemy import update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from project.db import inbox, utcnow
+from project.insert import insert_ignore
 
 
 def claim(session: Session, event_id: str, subscriber: str) -> bool:
     """Claim (event, subscriber) in the current transaction; False (counted) if it already ran."""
-    insert = (postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert)(inbox)
-    stmt = insert.values(event_id=event_id, subscriber=subscriber, duplicates=0, processed_at=utcnow())
-    if session.execute(stmt.on_conflict_do_nothing().returning(inbox.c.event_id)).first() is not None:
+    stmt = insert_ignore(session, inbox).values(event_id=event_id, subscriber=subscriber, duplicates=0,
+                                                processed_at=utcnow())
+    if session.execute(stmt.returning(inbox.c.event_id)).first() is not None:
         return True
     session.execute(update(inbox).where(inbox.c.event_id == event_id, inbox.c.subscriber == subscriber)
                     .values(duplicates=inbox.c.duplicates + 1))

@@ -13,7 +13,7 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY . .
-RUN pip install '.[postgres,flower]'
+RUN pip install '.[postgres,flower,api]'
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \

@@ -384,7 +384,7 @@ def test_dockerfile_builds_on_python_311_slim_and_installs_the_extras():
     # Then every stage starts from python:3.11-slim and the project is installed with its extras
     assert all(args.split()[0] == "python:3.11-slim" for k, args in instructions if k == "FROM")
     runs = " ".join(args for k, args in instructions if k == "RUN")
-    assert "pip install '.[postgres,flower]'" in runs
+    assert "pip install '.[postgres,flower,api]'" in runs
     assert {"postgres", "flower"} <= extras.keys()
 
 

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from celery import Celery, signals
 
-from project import dispatch, dlx, outbox, redis_transport
+from project import conversation, dispatch, dlx, outbox, redis_transport
 from project.durations import parse_duration
 from project.core import Bus
 from project.db import forget_engines
@@ -22,6 +22,7 @@ app.conf.task_routes = ("project.routing.route_by_name",)
 bus = Bus(app)
 install(app, bus)
 dlx.install(app)  # RabbitMQ: keep what the broker dead-letters (project/dlx.py)
+signals.before_task_publish.connect(conversation.stamp, weak=False)
 
 
 @signals.celeryd_init.connect

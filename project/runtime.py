@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 
 from project.execution import Delivery, RetryLater
-from project.headers import CORRELATION_HEADER
+from project.headers import CORRELATION_HEADER, header
 
 if TYPE_CHECKING:
     from project.core import Bus
@@ -31,7 +31,7 @@ class BusTask(Task):
         """This message, as the execution sees it."""
         request = self.request
         return Delivery(name=self.name, message_id=request.id, attempt=request.retries,
-                        correlation_id=request.get(CORRELATION_HEADER), root_id=request.root_id)
+                        correlation_id=header(request, CORRELATION_HEADER), root_id=request.root_id)
 
     def run_execution(self, execute, fields: dict[str, Any]) -> Any:
         """Run `execute(binding, fields, delivery)`; a RetryLater becomes Celery's retry()."""

@@ -345,7 +345,8 @@ def open_scenario(broker: str, database: str, home: Path) -> Scenario:
         cleanups.append(lambda: engine_for(settings.database_url).dispose())
         control = Celery(f"bus-tests-{broker}", broker=settings.broker_url)
         control.conf.broker_connection_retry_on_startup = True
-        return Scenario(broker, database, home, env, settings, control, cleanups)
+        return Scenario(broker=broker, database=database, home=home, env=env, settings=settings,
+                        control=control, _cleanups=cleanups)
     except BaseException:
         for step in reversed(cleanups):
             try:

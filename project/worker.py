@@ -82,7 +82,11 @@ class BusStartup(bootsteps.Step):
             bus.check_dependencies(binding)
         mine = owned_commands(bus, worker.app.amqp.queues.consume_from or {})
         if mine:
-            replies = worker.app.control.broadcast("bus_owners", reply=True, timeout=OWNER_QUERY_TIMEOUT) or []
+            # On a connection of its own, closed here: on Redis a pooled one keeps the reply
+            # BRPOP in flight, and every forked pool process then hangs closing it.
+            with worker.app.connection_for_write() as connection:
+                replies = worker.app.control.broadcast("bus_owners", reply=True, timeout=OWNER_QUERY_TIMEOUT,
+                                                       connection=connection) or []
             conflicts = find_conflicts(mine, replies, worker.hostname)
             if conflicts:
                 raise OwnerConflict(

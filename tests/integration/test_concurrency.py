@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from tests.integration.helpers import FORK_HANG, ITEMS_TOTAL, PLACE_ORDER, order
+from tests.integration.helpers import ITEMS_TOTAL, PLACE_ORDER, order
 from tests.integration.scenarios import Scenario
 
 pytestmark = pytest.mark.integration
@@ -48,8 +48,6 @@ def pool_processes_that_handled(log: str, key: str) -> set[str]:
 
 def test_a_burst_is_shared_by_both_worker_processes(cluster: Scenario, uid: str, request: pytest.FixtureRequest):
     """The premise of the test above: the two processes really race for the key."""
-    if cluster.broker in ("redis", "embedded"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=FORK_HANG))
     # Given the shared worker with 2 processes
     key = f"checkout-{uid}"
 

@@ -11,7 +11,7 @@ import pytest
 
 from project.processes import WorkerProcess
 from tests.integration.conftest import BROKERS, opened
-from tests.integration.helpers import FORK_HANG, REGISTER_USER, boundaries_of, queues_of
+from tests.integration.helpers import REGISTER_USER, boundaries_of, queues_of
 from tests.integration.scenarios import Scenario
 
 pytestmark = pytest.mark.integration
@@ -90,8 +90,6 @@ def test_unknown_boundary_stops_the_worker_with_the_known_boundaries(scenario, t
 
 
 def test_worker_stops_cleanly_on_sigterm(scenario, request):
-    if scenario.broker in ("redis", "embedded"):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=FORK_HANG))
     # Given a running worker with 2 processes
     worker = scenario.start_worker(name="stop", concurrency=2)
     # When it gets SIGTERM (a warm shutdown)

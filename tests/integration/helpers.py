@@ -9,15 +9,6 @@ REGISTER_USER = "accounts.register_user"
 PLACE_ORDER_CONTRACT = "handlers.messages.PlaceOrder"
 REGISTER_USER_CONTRACT = "handlers.messages.RegisterUser"
 
-#: project/worker.py BusStartup asks the cluster who owns each command queue with
-#: app.control.broadcast() on a connection of the app's pool, before the pool forks. On
-#: Redis that connection is left with a BRPOP in flight; kombu's after-fork cleanup in
-#: each child closes it and waits for the BRPOP reply, which the first child already
-#: read: every child after the first hangs at birth. The worker then runs on one
-#: process, and a warm shutdown (SIGTERM) waits for the hung child forever.
-FORK_HANG = ("bug in project/worker.py (BusStartup): the owner broadcast leaves a pooled Redis connection "
-             "with a BRPOP in flight; forked pool children hang closing it, so -c 2 runs on one process")
-
 
 def order(order_id: str, customer_id: str = "c-1", items: list | None = None) -> dict:
     """The fields of a PlaceOrder."""

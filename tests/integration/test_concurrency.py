@@ -46,7 +46,7 @@ def pool_processes_that_handled(log: str, key: str) -> set[str]:
     return set(re.findall(rf"/(ForkPoolWorker-\d+)\] .*key {re.escape(repr(key))}", log))
 
 
-def test_a_burst_is_shared_by_both_worker_processes(cluster: Scenario, uid: str, request: pytest.FixtureRequest):
+def test_a_burst_is_shared_by_both_worker_processes(cluster: Scenario, uid: str):
     """The premise of the test above: the two processes really race for the key."""
     # Given the shared worker with 2 processes
     key = f"checkout-{uid}"

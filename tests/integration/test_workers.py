@@ -89,7 +89,7 @@ def test_unknown_boundary_stops_the_worker_with_the_known_boundaries(scenario, t
         assert boundary in log.split("no such boundary; known:")[1]
 
 
-def test_worker_stops_cleanly_on_sigterm(scenario, request):
+def test_worker_stops_cleanly_on_sigterm(scenario):
     # Given a running worker with 2 processes
     worker = scenario.start_worker(name="stop", concurrency=2)
     # When it gets SIGTERM (a warm shutdown)

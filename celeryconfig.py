@@ -62,6 +62,10 @@ worker_consumer = "project.consumer:BusConsumer"
 # one huge message must not take a worker's memory, nor block its queue by crashing it
 # again on every redelivery. 0 turns the check off.
 bus_max_message_bytes = int(os.environ.get("BUS_MAX_MESSAGE_BYTES", str(1024 * 1024)))
+# RabbitMQ's own dead-lettering (rejects by code outside the bus, TTLs, length limits)
+# into the exchange bus.dead_letter, drained into the store by the `bus` boundary, is
+# chosen with BUS_RABBITMQ_DEAD_LETTERS=off|arguments|policy (project/dlx.py; default off:
+# queue arguments break plain Celery senders, see docs/failures.md).
 
 # Idempotency keys are kept this long, then purged by beat (`bus purge-keys` by hand).
 bus_key_retention = os.environ.get("BUS_KEY_RETENTION", "30d")

@@ -342,7 +342,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             send_errors=len(send_errors), workers=len(workers), pool_processes_per_worker=args.concurrency,
             seconds_to_send=round(sent_at - started, 1), seconds_to_quiesce=round(quiesced - sent_at, 1),
             seconds_total=round(quiesced - started, 1), expected_executions=expected,
-            settings={k: os.environ.get(k) for k in ("BUS_VISIBILITY_TIMEOUT", "BUS_PREFETCH")},
+            settings={"task_acks_late": app.conf.task_acks_late,
+                      "task_reject_on_worker_lost": app.conf.task_reject_on_worker_lost,
+                      "worker_prefetch_multiplier": app.conf.worker_prefetch_multiplier,
+                      **{k: v for k, v in app.conf.broker_transport_options.items()
+                         if scenario.broker != "amqp"}},
             workers_alive=sum(1 for w in workers if w.process.poll() is None))
         return figures
     finally:

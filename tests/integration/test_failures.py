@@ -38,6 +38,7 @@ from project.dispatch import copy_task_id
 from project.processes import WorkerProcess
 from project.redis_transport import NOT_A_MESSAGE
 from tests.conftest import REPO
+from tests.integration.bus_services import require
 from tests.integration.conftest import opened
 from tests.integration.helpers import ITEMS_TOTAL, PLACE_ORDER, REGISTER_USER, order
 from tests.integration.scenarios import PG_ADMIN_URL, Scenario
@@ -501,6 +502,7 @@ def test_database_connections_cut_while_commands_run_are_retried_not_failed(
 @pytest.mark.parametrize("broker", ["redis", "amqp"])
 def test_fault_suite_loses_and_duplicates_nothing(broker: str, tmp_path: Path):
     # Given the fault suite at CI size: 200 commands (duplicates mixed in), 5 pool kills
+    require(broker)
     started = time.monotonic()
     done = subprocess.run([sys.executable, str(REPO / "bench" / "faults.py"), "--broker", broker,
                            "--commands", "200", "--kills", "5", "--json", "--workdir", str(tmp_path)],

@@ -5,14 +5,14 @@ Generic commands live here; an application adds its own (the reference domain ad
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from project.bench import bench
 from project.cli_dlq import dlq_cli
+from project.cli_observe import topology
 from project.durations import parse_duration
 
 cli = typer.Typer(help="celery-bus: commands with one owner, events with many listeners.",
@@ -22,6 +22,8 @@ embedded_cli = typer.Typer(help="The embedded broker under .bus/ (no servers nee
 cli.add_typer(db_cli, name="db")
 cli.add_typer(embedded_cli, name="embedded")
 cli.add_typer(dlq_cli, name="dlq")
+cli.command()(topology)  # project/cli_observe.py
+cli.command()(bench)  # project/bench.py
 console = Console()
 
 
@@ -30,28 +32,6 @@ def loaded_bus():
     from project import app, bus
     app.loader.import_default_modules()
     return bus
-
-
-@cli.command()
-def topology(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Print every command and event with its task, queue, exchange and handler."""
-    catalog = loaded_bus().topology.describe()
-    if as_json:
-        typer.echo(json.dumps(catalog, indent=2))
-        return
-    table = Table(title="commands")
-    for column in ("task = queue", "boundary", "handler"):
-        table.add_column(column)
-    for c in catalog["commands"]:
-        table.add_row(c["task"], c["boundary"], c["handler"])
-    console.print(table)
-    if catalog["events"]:
-        events = Table(title="events")
-        for column in ("exchange (fanout)", "owner", "subscribers"):
-            events.add_column(column)
-        for e in catalog["events"]:
-            events.add_row(e["exchange"], e["owner"], ", ".join(s["queue"] for s in e["subscribers"]) or "-")
-        console.print(events)
 
 
 @cli.command()

@@ -39,10 +39,19 @@ class Backoff:
             return False
         return retries < self.max_retries and isinstance(exc, self.retry_on)
 
+    def describe(self) -> dict:
+        """The policy as JSON-ready data (for `bus topology` and the catalog)."""
+        return {"max_retries": self.max_retries, "base_seconds": self.base, "cap_seconds": self.cap,
+                "jitter": self.jitter, "retry_on": _names(self.retry_on), "give_up_on": _names(self.give_up_on)}
+
     def delay(self, retries: int) -> float:
         """Seconds to wait before retry number `retries + 1`."""
         ceiling = min(self.cap, self.base * (2 ** retries))
         return random.uniform(0, ceiling) if self.jitter else ceiling
+
+
+def _names(types: tuple[type[BaseException], ...]) -> list[str]:
+    return [f"{t.__module__}.{t.__qualname__}" for t in types]
 
 
 def default_command_policy() -> Backoff:

@@ -81,11 +81,12 @@ class Topology:
     def exchanges(self) -> list[Exchange]:
         return [event_exchange(name) for name in sorted(self.registry.events)]
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-ready catalog: commands and events with their broker names."""
+    def describe(self, command_policy: Any = None) -> dict[str, Any]:
+        """A JSON-ready catalog: commands and events with their broker names and retry policies."""
         commands = [
             {"command": b.contract.__name__, "task": b.name, "queue": b.name,
-             "boundary": b.boundary, "handler": b.handler_name}
+             "boundary": b.boundary, "handler": b.handler_name,
+             "retry": command_policy.describe() if command_policy else None}
             for b in sorted(self.registry.commands.values(), key=lambda b: b.name)
         ]
         events = []
@@ -95,7 +96,8 @@ class Topology:
                 "event": contract.__name__, "exchange": name, "type": "fanout",
                 "owner": contract.boundary,
                 "subscribers": [{"task": s.name, "queue": s.name, "boundary": s.boundary,
-                                 "handler": s.handler_name} for s in sorted(subs, key=lambda s: s.name)],
+                                 "handler": s.handler_name, "retry": s.retry.describe() if s.retry else None}
+                                for s in sorted(subs, key=lambda s: s.name)],
             })
         return {"commands": commands, "events": events}
 

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from project.bench import bench
 from project.cli_dlq import dlq_cli
-from project.cli_observe import topology
+from project.cli_observe import topology, trace
 from project.durations import parse_duration
 
 cli = typer.Typer(help="celery-bus: commands with one owner, events with many listeners.",
@@ -23,6 +23,7 @@ cli.add_typer(db_cli, name="db")
 cli.add_typer(embedded_cli, name="embedded")
 cli.add_typer(dlq_cli, name="dlq")
 cli.command()(topology)  # project/cli_observe.py
+cli.command()(trace)
 cli.command()(bench)  # project/bench.py
 console = Console()
 

@@ -1,4 +1,8 @@
-"""`bus topology`: what the bus is wired to do, read from its registry (no server needed)."""
+"""`bus topology` and `bus trace`: what the bus is wired to do, and what it did.
+
+Both read the bus's own data (the registry; the database), so they work without Flower
+or a running worker.
+"""
 from __future__ import annotations
 
 import json
@@ -47,3 +51,30 @@ def topology(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
 
 def _outputs(entry: dict) -> str:
     return ", ".join([*entry.get("publishes", ()), *entry.get("sends", ())]) or "-"
+
+
+def trace(correlation_id: str = typer.Argument(..., help="The conversation: the id of the message that began it."),
+          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Print a conversation as a tree: command -> events -> subscriber runs -> what they sent."""
+    from project.cli import loaded_bus
+    from project.trace import conversation, render
+    from sqlalchemy.exc import SQLAlchemyError
+    bus = loaded_bus()
+    try:
+        found = conversation(bus.engine(), bus.topology, correlation_id)
+    except SQLAlchemyError as exc:
+        from project.cli import _redact
+        typer.echo(f"cannot read the bus database at {_redact(bus.settings.database_url)}: "
+                   f"{str(exc.orig if hasattr(exc, 'orig') else exc).splitlines()[0]}. Check BUS_DATABASE_URL, "
+                   f"and that the schema is current: bus db upgrade", err=True)
+        raise typer.Exit(1) from None
+    if found is None:
+        typer.echo(f"no conversation {correlation_id!r} in the bus's records: no command, execution, outbox row, "
+                   f"intake or dead letter carries it. Pass the id of the message that began it (the task id "
+                   f"of the first command, or the bus_correlation_id header); records older than "
+                   f"BUS_KEY_RETENTION are purged.", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(found.to_dict(), indent=2, default=str))
+        return
+    console.print(render(found))

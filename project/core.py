@@ -21,7 +21,7 @@ from celery import Celery
 from celery.result import AsyncResult
 from sqlalchemy.engine import Engine
 
-from project import embedded, idempotency, outbox
+from project import embedded, idempotency, outbox, trace
 from project.commands import CommandTask, body_of, check_route, run_command
 from project.contracts import Command, Event, MessageContext
 from project.db import engine_for, utcnow
@@ -152,9 +152,10 @@ class Bus:
                                   queue=named_command_queue(name), **options)
 
     def purge_keys(self, age: timedelta) -> int:
-        """Forget idempotency keys claimed longer than `age` ago; the number forgotten."""
+        """Forget idempotency keys claimed (and executions logged) more than `age` ago; the number of keys."""
         with UnitOfWork(self.engine()) as uow:
             count = idempotency.purge(uow.session, utcnow() - age)
+            trace.purge(uow.session, utcnow() - age)
             uow.commit()
         return count
 

@@ -98,6 +98,23 @@ intake = Table(
     UniqueConstraint("task", "key", name="uq_intake_task_key"),
 )
 
+#: one row per execution of a command or subscriber (message, task): the last attempt's
+#: outcome, for `bus trace` (project/trace.py); written with the handler's effects
+executions = Table(
+    "bus_executions", metadata,
+    Column("message_id", String(64), primary_key=True),
+    Column("task", String(200), primary_key=True),
+    Column("kind", String(12), nullable=False),
+    Column("boundary", String(100)),
+    Column("correlation_id", String(64), index=True),
+    Column("event_id", String(64)),
+    Column("state", String(20), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("error", Text),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 _pid = os.getpid()

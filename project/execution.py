@@ -8,7 +8,8 @@ harness (project/testing.py) run the same code from here:
   transaction; a duplicate gets the stored outcome, a conflicting payload is refused;
 - a subscriber claims (event, subscriber) in its inbox in one transaction with its effects;
 - what a handler publishes goes to the outbox and is handed to `bus.publisher` after commit;
-- a failure the policy retries raises `RetryLater`; one it gives up on is dead-lettered.
+- a failure the policy retries raises `RetryLater`; one it gives up on is dead-lettered;
+- every attempt's outcome is logged for `bus trace` (project/trace.py).
 """
 from __future__ import annotations
 
@@ -16,14 +17,16 @@ import importlib
 import json
 import logging
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
-from project import deadletters, idempotency, inbox
+from project import deadletters, idempotency, inbox, trace
 from project.contracts import IDEMPOTENCY_KEY, Command, DomainError, MessageContext, payload_hash
+from project.db import utcnow
 from project.errors import IdempotencyConflict, InvalidMessage
 from project.headers import EVENT_ID
 from project.retry import Backoff
@@ -45,6 +48,7 @@ class Delivery:
     attempt: int = 0
     correlation_id: str | None = None
     root_id: str | None = None
+    started_at: datetime = field(default_factory=utcnow, compare=False)  # of this attempt
 
     def context(self, key: str) -> MessageContext:
         return MessageContext(message_id=self.message_id, handler=self.name, idempotency_key=key,
@@ -110,8 +114,10 @@ class Execution:
             except DomainError as exc:
                 uow.rollback()
                 self._store_domain_error(name, key, digest, payload, delivery, exc)
+                trace.failed(self.bus.engine(), binding, delivery, exc, state="refused")
                 raise
             idempotency.finish(uow.session, name, key, result=result)
+            trace.ran(uow.session, binding, delivery)
             uow.commit()
             return result, sink.written
 
@@ -161,6 +167,7 @@ class Execution:
             context = delivery.context(f"{binding.name}:{event_id}")
             sink = self.bus.sink(uow, binding.boundary, f"{binding.name}:{event_id}", context)
             binding.handler(event, **self.bus.dependencies(binding, uow, sink, context))
+            trace.ran(uow.session, binding, delivery, event_id=event_id)
             uow.commit()
             return True, sink.written
 
@@ -179,7 +186,10 @@ class Execution:
     def _failure(self, binding, policy: Backoff, exc: Exception, body: dict[str, Any],
                  delivery: Delivery) -> Exception:
         """What to raise: RetryLater if the policy retries `exc`, else `exc`, dead-lettered."""
-        if policy.should_retry(exc, delivery.attempt):
+        retry = policy.should_retry(exc, delivery.attempt)
+        trace.failed(self.bus.engine(), binding, delivery, exc, state="retrying" if retry else "dead-lettered",
+                     event_id=body.get(EVENT_ID))
+        if retry:
             logger.warning("%s attempt %d failed (%r); retrying", binding.name, delivery.attempt + 1, exc)
             return RetryLater(policy.delay(delivery.attempt), exc)
         self._dead_letter(binding, "retries-exhausted",

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
+from project import metrics
 from project.db import dead_letters, utcnow
 
 logger = logging.getLogger(__name__)
@@ -46,4 +47,5 @@ def record(engine: Engine, *, reason: str, message_id: str | None, task: str | N
                 error=error, traceback=traceback, headers=safe_headers, body=body,
                 content_type=content_type, content_encoding=content_encoding, attempts=1,
                 correlation_id=correlation_id, first_failed_at=now, last_failed_at=now))
+    metrics.dead_lettered(task, reason)
     logger.warning("dead-lettered %s (%s) of %s: %s", message_id, reason, task or queue, error)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
-from project import deadletters, idempotency, inbox, trace
+from project import deadletters, idempotency, inbox, metrics, trace
 from project.contracts import IDEMPOTENCY_KEY, Command, DomainError, MessageContext, payload_hash
 from project.db import utcnow
 from project.errors import IdempotencyConflict, InvalidMessage
@@ -103,6 +103,7 @@ class Execution:
                 outcome = idempotency.previous(uow.session, name, key)
                 if outcome.payload_hash == digest:
                     idempotency.absorbed(uow.session, name, key)
+                    metrics.absorbed(name)
                     logger.info("%s key %r already handled: duplicate absorbed", name, key)
                 uow.commit()
                 return self._replay(binding, outcome, key, digest, payload, delivery), None
@@ -163,6 +164,7 @@ class Execution:
             if not inbox.claim(uow.session, event_id, binding.name):
                 uow.commit()
                 logger.info("%s already handled event %s: duplicate absorbed", binding.name, event_id)
+                metrics.absorbed(binding.name)
                 return False, []
             context = delivery.context(f"{binding.name}:{event_id}")
             sink = self.bus.sink(uow, binding.boundary, f"{binding.name}:{event_id}", context)

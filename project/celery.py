@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from celery import Celery, signals
 
-from project import conversation, dispatch, dlx, logs, metrics, outbox, redis_transport
+from project import conversation, dispatch, dlx, flower_auth, logs, metrics, outbox, redis_transport
 from project.durations import parse_duration
 from project.core import Bus
 from project.db import forget_engines
@@ -25,6 +25,7 @@ dlx.install(app)  # RabbitMQ: keep what the broker dead-letters (project/dlx.py)
 signals.before_task_publish.connect(conversation.stamp, weak=False)
 logs.install(app)  # BUS_LOG_FORMAT=json: structured worker logs (project/logs.py)
 metrics.install(app, bus)  # worker --metrics-port: Prometheus (project/metrics.py)
+flower_auth.install()  # `celery -A project flower` requires authentication (project/flower_auth.py)
 
 
 @signals.celeryd_init.connect

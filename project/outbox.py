@@ -123,6 +123,17 @@ def relay(bus: "Bus", batch: int = 500, grace: timedelta = timedelta(0)) -> int:
             return total
 
 
+class _NoSentEvent:
+    """Drops Celery's `task-sent` event of an event's publish: an event is not a task.
+
+    No worker runs a task of the event's id (subscribers run copies with ids of their
+    own), so Flower would list the event as a PENDING task forever.
+    """
+
+    def publish(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
 def _publish_rows(bus: "Bus", rows: list[Any]) -> int:
     app = bus.app
     with app.producer_or_acquire() as producer:
@@ -132,7 +143,8 @@ def _publish_rows(bus: "Bus", rows: list[Any]) -> int:
                 exchange = event_exchange(row.name)
                 app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer,
                               exchange=exchange, routing_key=row.name, ignore_result=True, headers=headers,
-                              declare=[exchange, *bus.topology.subscriber_queues(row.name)])
+                              declare=[exchange, *bus.topology.subscriber_queues(row.name)],
+                              event_dispatcher=_NoSentEvent())
             else:
                 check_route(row.name, {})
                 app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer,

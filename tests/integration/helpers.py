@@ -1,6 +1,8 @@
 """Small helpers shared by the integration tests (no fixtures here)."""
 from __future__ import annotations
 
+import socket
+
 ITEMS = [{"sku": "book", "quantity": 2, "unit_price": "12.50"}, {"sku": "pen", "quantity": 1, "unit_price": "1.99"}]
 #: the total of ITEMS, as the handler computes it
 ITEMS_TOTAL = "26.99"
@@ -26,3 +28,10 @@ def queues_of(topology: dict, boundary: str | None = None) -> set[str]:
 def boundaries_of(topology: dict) -> set[str]:
     return {c["boundary"] for c in topology["commands"]} | {
         s["boundary"] for e in topology["events"] for s in e["subscribers"]}
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at the moment (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,10 @@ import httpx
 import pytest
 
 from tests.integration.conftest import opened
+from tests.integration.helpers import free_port
 from tests.integration.scenarios import Scenario
 
 ITEMS = [{"sku": "book", "quantity": 2, "unit_price": "12.50"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

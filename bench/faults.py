@@ -17,9 +17,13 @@ tests make them; everything is removed at the end):
 - optionally cuts the broker (--broker-outage: restarts the embedded server, or drops
   every client connection of the run's Redis database / RabbitMQ vhost, shared servers
   being left running) and the database (--db-outage: terminates the run's PostgreSQL
-  connections for 3 s, or holds SQLite's write lock for 3 s) once, halfway;
+  connections for 3 s, or holds SQLite's write lock for 3 s) once, halfway. A Redis
+  server that goes down takes the worker's attempt to give its reserved messages back
+  with it: they stay in Redis' unacked hash until the visibility timeout, so with
+  --broker-outage on Redis the workers run with a 30 s visibility timeout unless told;
 - waits for quiescence: every expected effect there, the queues empty and the outbox
-  published, or nothing moving for --stall seconds;
+  published; it gives up after --timeout, or when nothing moved for --stall seconds
+  while nothing waits in the broker;
 - reports what the database holds. Lost (a unique command without its effect, an event
   without a subscriber's inbox claim) or duplicated (an effect twice: an order or a user,
   an event per command, a charge, a mail, an SMS, an audit entry) above 0: exit 1.
@@ -61,8 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=2, help="pool processes per worker")
     parser.add_argument("--broker-outage", action="store_true", help="cut the broker once, halfway")
     parser.add_argument("--db-outage", action="store_true", help="cut the database for 3 s, halfway")
+    parser.add_argument("--visibility-timeout", type=int, default=None,
+                        help="Redis: BUS_VISIBILITY_TIMEOUT of the workers (default: celeryconfig's; 30 with "
+                             "--broker-outage, see below)")
     parser.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
-    parser.add_argument("--stall", type=float, default=30.0, help="quiesced when nothing moved this long")
+    parser.add_argument("--stall", type=float, default=30.0,
+                        help="give up when nothing moved this long and nothing waits in the broker")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="where the run's files and logs go")
     parser.add_argument("--json", action="store_true", help="print the report as JSON only")
@@ -259,6 +267,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scenario = open_scenario(args.broker, args.db, home)
     relay_stop = threading.Event()
     try:
+        visibility = args.visibility_timeout or (30 if args.broker_outage and args.broker != "amqp" else None)
+        if visibility:
+            scenario.env["BUS_VISIBILITY_TIMEOUT"] = str(visibility)
         os.environ.update(scenario.env)
         from project import app, bus
         from project.outbox import relay
@@ -302,7 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sender.start()
         kills, killed, faults = 0, [], []
         outage_due = (args.broker_outage or args.db_outage)
-        timeout = args.timeout or 120 + args.commands * 0.1
+        timeout = args.timeout or 120 + args.commands * 0.1 + (visibility or 0)
         last_value, last_move = -1, time.monotonic()
         sent_at: float | None = None
         while True:
@@ -326,17 +337,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if sent_at is None:
                     sent_at = time.monotonic()
                     say(args, f"sent {len(sends)} commands in {sent_at - started:.1f}s; waiting for quiescence")
-                complete = done >= expected and kills >= args.kills
-                if complete and queued(scenario, queues) == 0 and not scalar(
+                waiting = queued(scenario, queues)
+                if done >= expected and kills >= args.kills and waiting == 0 and not scalar(
                         scenario, "SELECT count(*) FROM bus_outbox WHERE published_at IS NULL"):
                     break
-                if time.monotonic() - last_move > args.stall or time.monotonic() - started > timeout:
+                if (waiting == 0 and time.monotonic() - last_move > args.stall) or time.monotonic() - started > timeout:
                     say(args, f"not quiescent: {done} of {expected} executions; giving up")
                     break
             time.sleep(0.2)
         quiesced = time.monotonic()
         time.sleep(2.0)  # anything that should not come (a duplicate) comes now
         figures = report(scenario, sends, subscribers)
+        figures["waiting_in_broker"] = queued(scenario, queues)
         figures.update(
             broker=args.broker, db=args.db, kills=kills, kills_asked=args.kills, faults=faults,
             send_errors=len(send_errors), workers=len(workers), pool_processes_per_worker=args.concurrency,
@@ -379,6 +391,7 @@ def show(figures: dict[str, Any]) -> None:
         ("events published", json.dumps(figures["events_published"])),
         ("deliveries per subscriber", json.dumps(figures["deliveries"])),
         ("lost deliveries", figures["lost_deliveries"]),
+        ("still waiting in the broker", figures["waiting_in_broker"]),
         ("duplicated subscriber effects", json.dumps(figures["duplicated_subscriber_effects_by_kind"])),
         ("gateway charges", figures["gateway_charges"]),
         ("dead letters by reason", json.dumps(figures["dead_letters"]) if figures["dead_letters"] else "none"),

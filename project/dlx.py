@@ -102,11 +102,10 @@ class DeadLetterDrain(bootsteps.ConsumerStep):
         self.database_url = load().database_url
         self.amqp = c.connection.transport.driver_type == "amqp"
         self.drains = DRAINED_BY in (c.app.amqp.queues.consume_from or {})
-        super().start(c)
+        if self.amqp and mode() != "off":
+            super().start(c)
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
-        if not self.amqp or mode() == "off":
-            return []
         queue = dead_letter_queue()(channel)
         queue.declare()
         if not self.drains:

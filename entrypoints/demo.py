@@ -111,6 +111,7 @@ def run_scenario(app, bus, quiet: bool) -> dict:
         "dead_lettered": dict(dead),
         "rejected_messages": caller_rejected + sum(dead.values()),
         "outcomes": dict(outcomes),
+        "first_order": results[0].id,  # its conversation: `bus trace <id>`
         "_started": started,
     }
 
@@ -200,3 +201,4 @@ def show(summary: dict) -> None:
     for port, count in sorted(summary["port_effects"].items()):
         table.add_row(f"effects on port: {port}", str(count))
     Console().print(table)
+    Console().print(f"the first order's conversation, with billing's retries: bus trace {summary['first_order']}")

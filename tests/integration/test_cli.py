@@ -153,6 +153,18 @@ def test_demo_from_a_clean_home_reports_executions_duplicates_and_rejections(tmp
     assert summary["duplicates_absorbed"] > 0
     assert summary["rejected_messages"] > 0
     assert summary["commands_sent"] >= summary["handler_executions"] + summary["duplicates_absorbed"]
+    # and `bus trace` of its first order shows the command, its event, both subscribers (billing
+    # after the two failures the demo injects) and billing's PaymentProcessed follow-up
+    traced = run([BUS, "trace", summary["first_order"], "--json"], home)
+    assert traced.returncode == 0, traced.stdout + traced.stderr
+    root = json.loads(traced.stdout)["root"]
+    assert (root["name"], root["state"]) == ("orders.place_order", "succeeded")
+    [placed] = root["children"]
+    runs = {s["name"]: s for s in placed["children"]}
+    assert (placed["name"], set(runs)) == ("events.order_placed", {"billing.charge_payment",
+                                                                  "notifications.send_order_confirmation"})
+    assert (runs["billing.charge_payment"]["state"], runs["billing.charge_payment"]["attempts"]) == ("succeeded", 3)
+    assert [e["name"] for e in runs["billing.charge_payment"]["children"]] == ["events.payment_processed"]
     # and leaves no embedded broker running behind it
     assert not (home / "redis.pid").exists() or not _alive(int((home / "redis.pid").read_text()))
 

@@ -5,7 +5,7 @@ module; `project/settings.py` documents the environment variables.
 """
 import os
 
-from project.settings import load
+from project.settings import env_duration, env_int, load
 
 _settings = load()
 
@@ -27,7 +27,7 @@ task_reject_on_worker_lost = True
 task_acks_on_failure = True
 # One message reserved per process: a slow handler does not hold others hostage, and a
 # killed worker has at most one in-flight message per process to redeliver.
-worker_prefetch_multiplier = int(os.environ.get("BUS_PREFETCH", "1"))
+worker_prefetch_multiplier = env_int("BUS_PREFETCH", 1, minimum=1)
 # Redis redelivers an unacked message only after this many seconds (RabbitMQ at once on
 # connection loss). It must exceed the longest handler run plus the longest retry
 # countdown (a countdown is waited out by the worker holding the message unacked:
@@ -41,8 +41,8 @@ worker_prefetch_multiplier = int(os.environ.get("BUS_PREFETCH", "1"))
 # (300 + 5 by default; kombu's own sweep, 10 s x throttle 10, would add up to 100 s).
 # docs/failures.md has the measurements.
 broker_transport_options = {
-    "visibility_timeout": int(os.environ.get("BUS_VISIBILITY_TIMEOUT", "300")),
-    "unacked_restore_interval": int(os.environ.get("BUS_UNACKED_RESTORE_INTERVAL", "5")),
+    "visibility_timeout": env_int("BUS_VISIBILITY_TIMEOUT", 300, minimum=1),
+    "unacked_restore_interval": env_int("BUS_UNACKED_RESTORE_INTERVAL", 5, minimum=1),
     "unacked_restore_throttle": 1,  # scan on every sweep (one ZRANGE per interval and worker)
 }
 broker_connection_retry_on_startup = True
@@ -61,14 +61,14 @@ worker_consumer = "project.consumer:BusConsumer"
 # Bodies over this many bytes are dead-lettered ('too-large') before they are decoded:
 # one huge message must not take a worker's memory, nor block its queue by crashing it
 # again on every redelivery. 0 turns the check off.
-bus_max_message_bytes = int(os.environ.get("BUS_MAX_MESSAGE_BYTES", str(1024 * 1024)))
+bus_max_message_bytes = env_int("BUS_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=0)  # 0: no limit
 # RabbitMQ's own dead-lettering (rejects by code outside the bus, TTLs, length limits)
 # into the exchange bus.dead_letter, drained into the store by the `bus` boundary, is
 # chosen with BUS_RABBITMQ_DEAD_LETTERS=off|arguments|policy (project/dlx.py; default off:
 # queue arguments break plain Celery senders, see docs/failures.md).
 
 # Idempotency keys are kept this long, then purged by beat (`bus purge-keys` by hand).
-bus_key_retention = os.environ.get("BUS_KEY_RETENTION", "30d")
+bus_key_retention = env_duration("BUS_KEY_RETENTION", "30d")
 # Beat publishes outbox rows that a crash between commit and publish left behind, and
 # purges old keys. Run one beat per deployment: `celery -A project beat`.
 beat_schedule = {

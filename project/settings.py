@@ -66,3 +66,30 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         backend = broker if broker.startswith(("redis", "rediss")) else f"db+{database}"
     return Settings(home=home, broker_url=broker, database_url=database,
                     result_backend=backend, embedded=embedded)
+
+
+def env_int(name: str, default: int, minimum: int = 0, env: Mapping[str, str] | None = None) -> int:
+    """An integer setting; a malformed one stops start-up naming the variable and the accepted form."""
+    env = os.environ if env is None else env
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ConfigurationError(f"{name}={raw!r} is not valid; use a whole number >= {minimum} (default {default})")
+    return value
+
+
+def env_duration(name: str, default: str, env: Mapping[str, str] | None = None) -> str:
+    """A duration setting (`7d`, `12h`), checked at start-up rather than when first used."""
+    from project.durations import parse_duration
+    env = os.environ if env is None else env
+    raw = env.get(name, "").strip() or default
+    try:
+        parse_duration(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}={raw!r} is not valid: {exc}") from None
+    return raw

@@ -73,11 +73,11 @@ class BusStartup(bootsteps.Step):
 
     label = "celery-bus"
 
-    def __init__(self, worker, boundary: tuple[str, ...] = (), queues: Any = None, **options: Any) -> None:
+    def __init__(self, worker, boundary: tuple[str, ...] = (), **options: Any) -> None:
         bus = _buses[id(worker.app)]
         if bus.settings.embedded:
             embedded.ensure_running(bus.settings.home)
-        self._select_queues(worker.app, bus, boundary, queues)
+        self._select_queues(worker.app, bus, boundary)
         for binding in [*bus.registry.commands.values(), *bus.registry.subscribers.values()]:
             bus.check_dependencies(binding)
         mine = owned_commands(bus, worker.app.amqp.queues.consume_from or {})
@@ -96,9 +96,12 @@ class BusStartup(bootsteps.Step):
         super().__init__(worker, **options)
 
     @staticmethod
-    def _select_queues(app: Celery, bus: "Bus", boundary: tuple[str, ...], queues: Any) -> None:
+    def _select_queues(app: Celery, bus: "Bus", boundary: tuple[str, ...]) -> None:
         names = parse_boundaries(boundary, bus.topology.boundaries())
-        explicit = [q for q in (queues or "").split(",") if q] if isinstance(queues, str) else list(queues or [])
+        # Celery consumed -Q itself (WorkController.setup_queues, before the steps) and the
+        # steps never see the option; what it selected is in _consume_from (the public
+        # consume_from falls back to every declared queue when nothing was selected).
+        explicit = list(app.amqp.queues._consume_from or ())
         wanted = bus.topology.queues(names) if names else (bus.topology.queues() if not explicit else [])
         by_name = {q.name: q for q in bus.topology.queues()}
         selection = [q.name for q in wanted] + [q for q in explicit if q not in {w.name for w in wanted}]

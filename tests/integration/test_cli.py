@@ -117,20 +117,8 @@ def test_bad_configuration_stops_cli_and_worker_with_the_accepted_forms(tmp_path
         assert message in " ".join((done.stdout + done.stderr).split())
 
 
-INT_SETTING_BUG = (
-    "bug in celeryconfig.py: BUS_PREFETCH and BUS_VISIBILITY_TIMEOUT are read with bare int(); a bad value "
-    "fails with \"ValueError: invalid literal for int() with base 10: 'abc'\", which names neither the "
-    "variable nor the accepted form")
-RETENTION_BUG = (
-    "bug in celeryconfig.py: BUS_KEY_RETENTION is kept as a string and parsed only when the daily "
-    "bus.purge_keys beat task runs, so a bad value passes start-up and fails a day later in a worker log")
-
-
-@pytest.mark.parametrize("variable", [
-    pytest.param("BUS_PREFETCH", marks=pytest.mark.xfail(strict=True, reason=INT_SETTING_BUG)),
-    pytest.param("BUS_VISIBILITY_TIMEOUT", marks=pytest.mark.xfail(strict=True, reason=INT_SETTING_BUG)),
-    pytest.param("BUS_KEY_RETENTION", marks=pytest.mark.xfail(strict=True, reason=RETENTION_BUG)),
-])
+@pytest.mark.parametrize("variable", ["BUS_PREFETCH", "BUS_VISIBILITY_TIMEOUT", "BUS_KEY_RETENTION",
+                                      "BUS_MAX_MESSAGE_BYTES"])
 def test_bad_setting_stops_the_cli_naming_the_variable(tmp_path, variable):
     # Given a setting whose value has the wrong form
     # When the CLI starts

@@ -65,10 +65,6 @@ def test_worker_without_boundary_consumes_every_queue_of_the_registry(scenario, 
     assert "celery" not in consumed
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in project/worker.py BusStartup: Celery's WorkController.setup_instance() consumes the -Q value "
-    "(`queues`) before blueprint.apply(**kwargs), so the step's `queues` argument is always None and it "
-    "re-selects every registry queue over Celery's -Q selection"))
 def test_dash_q_still_selects_the_queues(scenario, workers):
     # Given a worker started with -Q accounts.register_user
     # When it is asked what it consumes

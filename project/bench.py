@@ -47,6 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 BROKERS = ("embedded", "redis", "amqp")
+PHASES = ("commands", "latency", "fanout", "relay")
 DATABASES = ("sqlite", "postgresql")
 #: the mark the test suite also sets on the Redis database numbers it claims: the two never share one
 REDIS_MARK = "celery-bus-tests:owner"
@@ -73,6 +74,7 @@ class Options:
     pool: str = "prefork"
     loglevel: str = "info"
     stall: float = 20.0
+    phases: tuple[str, ...] = PHASES
     redis_url: str = "redis://127.0.0.1:6379"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672"
     postgres_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -89,6 +91,8 @@ class Installation:
         self.cleanups: list[Callable[[], Any]] = []
         self.env: dict[str, str] = {}
         self.versions: dict[str, str] = {}
+        #: what this run created: Redis database number, RabbitMQ vhost, PostgreSQL database
+        self.created: dict[str, Any] = {}
         self.control: Any = None
 
     def open(self) -> "Installation":
@@ -148,6 +152,7 @@ class Installation:
             if stale or (client.dbsize() == 0 and client.set(REDIS_MARK, os.getpid(), nx=True)):
                 client.flushdb()
                 client.set(REDIS_MARK, os.getpid())
+                self.created["redis_db"] = number
 
                 def release(client=client) -> None:
                     client.flushdb()
@@ -160,7 +165,7 @@ class Installation:
     def _rabbitmq_vhost(self) -> str:
         if shutil.which("rabbitmqctl") is None:
             raise BenchError("--broker amqp needs rabbitmqctl on PATH: the bench makes a vhost of its own with it")
-        vhost = f"bus-bench-{uuid.uuid4().hex[:10]}"
+        vhost = self.created["vhost"] = f"bus-bench-{uuid.uuid4().hex[:10]}"
         _rabbitmqctl("add_vhost", vhost)
         self.cleanups.append(lambda: _rabbitmqctl("delete_vhost", vhost))
         _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
@@ -168,7 +173,7 @@ class Installation:
 
     def _postgres_database(self) -> str:
         from sqlalchemy import create_engine, text
-        name = f"bus_bench_{uuid.uuid4().hex[:10]}"
+        name = self.created["postgresql_database"] = f"bus_bench_{uuid.uuid4().hex[:10]}"
         admin = create_engine(self.options.postgres_url, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -186,8 +191,17 @@ class Installation:
         return url
 
     # ---- processes ----------------------------------------------------------------
-    def worker(self, side: str, *, subscribers: int, queues: list[str], boundaries: list[str]) -> "Worker":
-        """Start the bare (`side="bare"`) or bus worker of this run and wait for its ping."""
+    def workers(self, subscribers: int, bare_queues: list[str], bus_boundaries: list[str]) -> tuple["Worker", "Worker"]:
+        """Start the bare and the bus worker of this run together; both answer a ping when this returns."""
+        bare = self.worker("bare", subscribers=subscribers, queues=bare_queues, boundaries=[], wait=False)
+        bus = self.worker("bus", subscribers=subscribers, queues=[], boundaries=bus_boundaries, wait=False)
+        for worker in (bare, bus):
+            worker.process.wait_ready(self.control, timeout=90)
+        return bare, bus
+
+    def worker(self, side: str, *, subscribers: int, queues: list[str], boundaries: list[str],
+               wait: bool = True) -> "Worker":
+        """Start the bare (`side="bare"`) or bus worker of this run (and wait for its ping)."""
         o = self.options
         name = f"bench-{side}-{uuid.uuid4().hex[:6]}"
         hostname = f"{name}@{platform.node()}"
@@ -206,15 +220,20 @@ class Installation:
         from project.processes import WorkerProcess
         worker = Worker(WorkerProcess(process, hostname, logfile, env), self.control)
         self.cleanups.append(worker.stop)
-        worker.process.wait_ready(self.control, timeout=90)
+        if wait:
+            worker.process.wait_ready(self.control, timeout=90)
         return worker
 
-    def sender(self, side: str, *, subscribers: int = 0) -> "Sender":
-        logfile = self.home / "logs" / f"sender-{side}-{uuid.uuid4().hex[:6]}.log"
+    def senders(self, subscribers: int) -> tuple["Sender", "Sender"]:
+        """The bare and the bus sending process (started together), ready."""
         env = {**os.environ, **self.env, "BUS_BENCH_SUBSCRIBERS": str(subscribers)}
-        sender = Sender.start(side, env, self.home, logfile)
-        self.cleanups.append(sender.close)
-        return sender
+        senders = tuple(Sender.start(side, env, self.home, self.home / "logs" / f"sender-{side}-{uuid.uuid4().hex[:6]}.log")
+                        for side in ("bare", "bus"))
+        for sender in senders:
+            self.cleanups.append(sender.close)
+        for sender in senders:
+            sender.result(timeout=90)  # "ready"
+        return senders
 
 
 class Worker:
@@ -249,7 +268,6 @@ class Sender:
         self.logfile = logfile
         self._replies: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        self.result(timeout=90)  # "ready"
 
     @classmethod
     def start(cls, side: str, env: dict[str, str], cwd: Path, logfile: Path) -> "Sender":
@@ -308,7 +326,7 @@ class Bench:
         self.seq = 0
 
     def drain(self, label: str, worker: Worker, sender: Sender, slot: int, expected: int,
-              request: dict[str, Any]) -> dict[str, Any]:
+              request: dict[str, Any], stall: float | None = None) -> dict[str, Any]:
         """Send (one request to `sender`), wait until `worker` completed `expected` more in `slot`."""
         base = worker.probe()["slots"][slot]
         task = self.progress.add_task(label, total=expected)
@@ -325,7 +343,7 @@ class Bench:
                 self.progress.update(task, completed=min(count, expected))
             if count >= expected and sent is not None:
                 break
-            if time.monotonic() - last_change > self.options.stall and sent is not None:
+            if time.monotonic() - last_change > (stall or self.options.stall) and sent is not None:
                 break
             time.sleep(0.1)
         self.progress.remove_task(task)
@@ -342,9 +360,12 @@ class Bench:
         return self.drain(label, worker, sender, 0, n, {"op": "burst", "kind": "noop", "n": n,
                                                        "start": self.next_seq(n)})
 
-    def fanout(self, label: str, worker: Worker, sender: Sender, events: int, k: int) -> dict[str, Any]:
+    def fanout(self, label: str, worker: Worker, sender: Sender, events: int, k: int,
+               lossy: bool = False) -> dict[str, Any]:
+        """`lossy`: kombu's Redis fanout (PUB/SUB) gives one consuming connection one copy, whatever K."""
         figures = self.drain(label, worker, sender, 1, events * k, {"op": "burst", "kind": "fan", "n": events,
-                                                                     "start": self.next_seq(events)})
+                                                                     "start": self.next_seq(events)},
+                             stall=min(3.0, self.options.stall) if lossy else None)
         figures["events"] = events
         return figures
 
@@ -359,12 +380,13 @@ class Bench:
     def warm(self, pairs: list[tuple[Worker, Sender]], kind: str = "noop", k: int = 1) -> None:
         """A few messages through each side first: pool processes connect, caches fill."""
         count = 4 * self.options.concurrency
-        for worker, sender in pairs:
+        for side, (worker, sender) in zip(("bare", "bus"), pairs):
             sender.call("warm")
             if kind == "noop":
                 self.throughput("warming up", worker, sender, count)
             else:
-                self.fanout("warming up", worker, sender, max(1, count // k), k)
+                self.fanout("warming up", worker, sender, max(1, count // k), k,
+                            lossy=side == "bare" and self.options.broker != "amqp")
 
     # ---- groups -------------------------------------------------------------------
     def commands(self) -> dict[str, list[dict[str, Any]]]:
@@ -372,20 +394,21 @@ class Bench:
         runs: dict[str, list[dict[str, Any]]] = {key: [] for key in
                                                  ("bare", "bus", "bare_latency", "bus_latency")}
         with ExitStack() as stack:
-            bare = self.inst.worker("bare", subscribers=0, queues=["bench_bare.noop"], boundaries=[])
+            bare, bus = self.inst.workers(0, ["bench_bare.noop"], ["bench"])
             stack.callback(bare.stop)
-            bus = self.inst.worker("bus", subscribers=0, queues=[], boundaries=["bench"])
             stack.callback(bus.stop)
-            bare_sender, bus_sender = self.inst.sender("bare"), self.inst.sender("bus")
+            bare_sender, bus_sender = self.inst.senders(0)
             stack.callback(bare_sender.close)
             stack.callback(bus_sender.close)
             self.warm([(bare, bare_sender), (bus, bus_sender)])
             for r in range(o.repeat):
                 tag = f"[{r + 1}/{o.repeat}]"
-                runs["bare"].append(self.throughput(f"bare Celery no-op {tag}", bare, bare_sender, o.n))
-                runs["bus"].append(self.throughput(f"bus command no-op {tag}", bus, bus_sender, o.n))
-                runs["bare_latency"].append(self.latency(f"bare latency @{o.rate:g}/s {tag}", bare, bare_sender))
-                runs["bus_latency"].append(self.latency(f"bus latency @{o.rate:g}/s {tag}", bus, bus_sender))
+                if "commands" in o.phases:
+                    runs["bare"].append(self.throughput(f"bare Celery no-op {tag}", bare, bare_sender, o.n))
+                    runs["bus"].append(self.throughput(f"bus command no-op {tag}", bus, bus_sender, o.n))
+                if "latency" in o.phases:
+                    runs["bare_latency"].append(self.latency(f"bare latency @{o.rate:g}/s {tag}", bare, bare_sender))
+                    runs["bus_latency"].append(self.latency(f"bus latency @{o.rate:g}/s {tag}", bus, bus_sender))
         return runs
 
     def fanouts(self, k: int) -> dict[str, list[dict[str, Any]]]:
@@ -395,21 +418,21 @@ class Bench:
         queues = [SUBSCRIBER_QUEUE.format(i) for i in range(k)]
         with ExitStack() as stack:
             from project.bench_bare import fan_queues
-            bare = self.inst.worker("bare", subscribers=k, queues=[q.name for q in fan_queues(k)], boundaries=[])
+            bare, bus = self.inst.workers(k, [q.name for q in fan_queues(k)], ["bench", "bench_sub"])
             stack.callback(bare.stop)
-            bus = self.inst.worker("bus", subscribers=k, queues=[], boundaries=["bench", "bench_sub"])
             stack.callback(bus.stop)
-            bare_sender, bus_sender = self.inst.sender("bare", subscribers=k), self.inst.sender("bus", subscribers=k)
+            bare_sender, bus_sender = self.inst.senders(k)
             stack.callback(bare_sender.close)
             stack.callback(bus_sender.close)
             self.warm([(bare, bare_sender), (bus, bus_sender)], kind="fan", k=k)
-            for r in range(o.repeat):
+            for r in range(o.repeat if "fanout" in o.phases else 0):
                 tag = f"K={k} [{r + 1}/{o.repeat}]"
-                runs["bare"].append(self.fanout(f"bare Celery fan-out {tag}", bare, bare_sender, events, k))
+                runs["bare"].append(self.fanout(f"bare Celery fan-out {tag}", bare, bare_sender, events, k,
+                                                lossy=o.broker != "amqp"))
                 runs["bus"].append(self.fanout(f"bus event fan-out {tag}", bus, bus_sender, events, k))
             bare.stop()
             bus.stop()
-            for r in range(o.repeat):
+            for r in range(o.repeat if "relay" in o.phases else 0):
                 task = self.progress.add_task(f"outbox relay K={k} [{r + 1}/{o.repeat}]", total=None)
                 figures = bus_sender.call("relay", n=o.n)
                 figures["per_s"] = figures["published"] / figures["relay_s"] if figures["relay_s"] else 0.0
@@ -431,7 +454,7 @@ def _ratio(bus: float, bare: float) -> float:
 
 def summarize(options: Options, raw: dict[str, Any]) -> dict[str, Any]:
     """The figures (medians over the repeats), the ratios bus/bare and the targets."""
-    c = raw["commands"]
+    c = {key: raw.get("commands", {}).get(key, []) for key in ("bare", "bus", "bare_latency", "bus_latency")}
     commands = {"bare": _median(c["bare"], "per_s"), "bus": _median(c["bus"], "per_s"),
                 "bare_send": _median(c["bare"], "send_per_s"), "bus_send": _median(c["bus"], "send_per_s")}
     commands["ratio"] = _ratio(commands["bus"], commands["bare"])
@@ -534,8 +557,8 @@ def run(options: Options, console: Console) -> dict[str, Any]:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:
             bench = Bench(options, inst, progress)
-            raw["commands"] = bench.commands()
-            for k in options.subscribers:
+            raw["commands"] = bench.commands() if {"commands", "latency"} & set(options.phases) else {}
+            for k in options.subscribers if {"fanout", "relay"} & set(options.phases) else []:
                 raw["fanout"][k] = bench.fanouts(k)
     except BaseException:
         console.print(f"[red]bench failed[/red]; logs kept in {home}/logs")
@@ -549,7 +572,7 @@ def run(options: Options, console: Console) -> dict[str, Any]:
                 "prefetch_multiplier": celeryconfig.worker_prefetch_multiplier,
                 "load_before": load_before, "load_after": _load(), "cpus": os.cpu_count(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-                "duration_s": round(time.time() - started, 1),
+                "duration_s": round(time.time() - started, 1), "created_and_removed": inst.created,
                 "versions": {"python": platform.python_version(), "celery": celery.__version__,
                              "kombu": kombu.__version__, **inst.versions}},
         "summary": summarize(options, raw),
@@ -617,6 +640,15 @@ def _subscribers(value: str) -> list[int]:
     return counts
 
 
+def _phases(value: str) -> tuple[str, ...]:
+    chosen = tuple(part.strip() for part in value.split(",") if part.strip())
+    unknown = [p for p in chosen if p not in PHASES]
+    if unknown or not chosen:
+        raise typer.BadParameter(f"{', '.join(unknown) or 'nothing'}: choose from {', '.join(PHASES)}",
+                                 param_hint="--phases")
+    return chosen
+
+
 def _clean(value: Any) -> Any:
     """NaN -> None, so that --json is strict JSON."""
     if isinstance(value, float) and math.isnan(value):
@@ -640,6 +672,10 @@ def bench(
     concurrency: int = typer.Option(2, "--concurrency", min=1, help="Pool processes of each worker."),
     pool: str = typer.Option("prefork", "--pool", help="Worker pool of both sides."),
     loglevel: str = typer.Option("info", "--loglevel", help="Worker log level of both sides."),
+    stall: float = typer.Option(20.0, "--stall", min=1, help="Give a phase up after this many seconds without "
+                                "progress (a lossy fan-out reports what arrived)."),
+    phases: str = typer.Option(",".join(PHASES), "--phases", help="Which measurements, a comma list of "
+                               + ", ".join(PHASES) + "."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress goes to stderr)."),
     output: Path | None = typer.Option(None, "--output", help="Also write the JSON report to this file."),
     redis_url: str = typer.Option("redis://127.0.0.1:6379", envvar="BUS_BENCH_REDIS_URL",
@@ -656,8 +692,8 @@ def bench(
     if db not in DATABASES:
         raise typer.BadParameter(f"use one of {', '.join(DATABASES)}", param_hint="--db")
     options = Options(broker=broker, db=db, n=n, subscribers=_subscribers(subscribers), repeat=repeat,
-                      latency_n=latency_n, rate=rate, concurrency=concurrency, pool=pool, loglevel=loglevel,
-                      redis_url=redis_url, amqp_url=amqp_url, postgres_url=postgres_url)
+                      latency_n=latency_n, rate=rate, concurrency=concurrency, pool=pool, loglevel=loglevel, stall=stall,
+                      redis_url=redis_url, amqp_url=amqp_url, postgres_url=postgres_url, phases=_phases(phases))
     err = Console(stderr=True)
     try:
         report = _clean(run(options, err))

@@ -29,6 +29,9 @@ from project.settings import load
 
 NOOP_QUEUE = "bench_bare.noop"
 FANOUT = Exchange("bench_bare.fanout", type="fanout", durable=True)
+#: the routing key of every fanned-out message and of every binding: kombu's Redis fanout
+#: (fanout_patterns) delivers a message only to bindings with its routing key
+FAN_KEY = "bench_bare.fan"
 #: the bus's delivery settings, shared with the baseline (see the module docstring)
 SHARED_SETTINGS = ("task_serializer", "accept_content", "task_acks_late", "task_reject_on_worker_lost",
                    "task_acks_on_failure", "worker_prefetch_multiplier", "broker_transport_options",
@@ -37,8 +40,14 @@ SHARED_SETTINGS = ("task_serializer", "accept_content", "task_acks_late", "task_
 
 def fan_queues(count: int) -> list[Queue]:
     """The `count` queues bound to the bare fanout exchange."""
-    return [Queue(f"bench_bare.fan_{i:03d}", FANOUT, routing_key=f"bench_bare.fan_{i:03d}", durable=True)
-            for i in range(count)]
+    return [Queue(f"bench_bare.fan_{i:03d}", FANOUT, routing_key=FAN_KEY, durable=True) for i in range(count)]
+
+
+def publish_fan(seq: int) -> None:
+    """Publish one `fan` message to the fanout exchange (every bound queue gets a copy)."""
+    # exchange_type: otherwise Celery takes the default queue's (direct) and sends to `celery`
+    fan.apply_async(kwargs={"seq": seq}, exchange=FANOUT, routing_key=FAN_KEY, exchange_type="fanout",
+                    declare=[FANOUT])
 
 
 app = Celery("bench_bare")

@@ -36,7 +36,7 @@ class Side:
         if kind == "bare":
             from project import bench_bare
             self.app = bench_bare.app
-            self._noop, self._fan, self._fanout = bench_bare.noop, bench_bare.fan, bench_bare.FANOUT
+            self._noop, self._fan = bench_bare.noop, bench_bare.publish_fan
         else:
             from project import app, bench_tasks
             self.app = app
@@ -50,7 +50,7 @@ class Side:
 
     def fan(self, seq: int) -> None:
         if self.kind == "bare":
-            self._fan.apply_async(kwargs={"seq": seq}, exchange=self._fanout, routing_key="")
+            self._fan(seq)
         else:
             self._fan.delay(seq=seq, idempotency_key=f"{_RUN}-fan-{seq}")
 

@@ -21,9 +21,10 @@ into the dead-letter store with reason 'rejected-by-broker', byte for byte, then
 - `policy`: the queues are declared without arguments; the operator sets the same
   dead-letter exchange with a policy, which applies to existing queues and never
   conflicts with a declaration:
-  rabbitmqctl set_policy -p <vhost> bus-dead-letters '^[a-z][a-z0-9_]*\\.[a-z][a-z0-9_]*$'
+  rabbitmqctl set_policy -p <vhost> bus-dead-letters '<POLICY_PATTERN>'
       '{"dead-letter-exchange":"bus.dead_letter"}' --apply-to queues
-  (the pattern matches the bus's queue names; it must not match `bus.dead_letter` itself).
+  (POLICY_PATTERN matches the bus's queue names and not `bus.dead_letter` itself: a
+  dead-letter queue that dead-letters to its own exchange would loop).
 In both `arguments` and `policy` the workers declare `bus.dead_letter` (so a dead-lettered
 message always has somewhere to go) and the `bus` boundary drains it. Redis has no
 dead-lettering: there, the consumer's records are the whole story.
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MODES = ("off", "arguments", "policy")
+#: the queues a `policy` applies to: the bus's `<boundary>.<name>` queues (not bus.dead_letter)
+POLICY_PATTERN = r"^(?!bus\.dead_letter$)[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$"
 EXCHANGE = QUEUE = "bus.dead_letter"
 #: the bus queue whose consumers also drain the dead-letter queue (the `bus` boundary)
 DRAINED_BY = "bus.maintenance"

@@ -6,7 +6,8 @@ Real brokers, databases and `celery worker` processes; every scenario is a test'
   absorbed by the inbox when repeated: redis, amqp (with the dead-letter exchange wired);
 - a corpus of bad messages injected with redis-py / pika, each kept with its reason and
   its bytes, the worker serving on, and a byte-exact replay: redis, amqp, embedded;
-- RabbitMQ's dead-letter exchange: a message rejected by other code is kept too;
+- RabbitMQ's dead-letter exchange (queue arguments, and the documented policy): a message
+  rejected by other code is kept too;
 - a pool process SIGKILLed mid-handler is redelivered at once; a whole worker SIGKILLed
   is redelivered at once on RabbitMQ, after the visibility timeout on Redis; applied once;
 - PostgreSQL connections cut while commands run: retried with backoff, applied once;
@@ -35,6 +36,7 @@ import redis
 from sqlalchemy import create_engine, text
 
 from project.dispatch import copy_task_id
+from project.dlx import POLICY_PATTERN
 from project.processes import WorkerProcess
 from project.redis_transport import NOT_A_MESSAGE
 from tests.conftest import REPO
@@ -335,11 +337,11 @@ def rabbitmq_queue_arguments(scenario: Scenario) -> dict[str, str]:
     return {line.split("\t")[0]: line.split("\t", 1)[1] for line in done.stdout.splitlines() if "\t" in line}
 
 
-def reject_one(inject: Injector, queue: str, body: bytes, headers: dict) -> None:
+def reject_one(inject: Injector, queue: str, body: bytes, headers: dict, arguments: dict | None = None) -> None:
     """Publish to `queue` and reject it without requeue, as code outside the bus would."""
     with inject.pika() as conn:
         channel = conn.channel()
-        channel.queue_declare(queue, durable=True, arguments={"x-dead-letter-exchange": "bus.dead_letter"})
+        channel.queue_declare(queue, durable=True, arguments=arguments or {"x-dead-letter-exchange": "bus.dead_letter"})
         channel.basic_publish("", queue, body, pika.BasicProperties(
             content_type="application/json", content_encoding="utf-8", headers=headers, delivery_mode=2))
         method = None
@@ -378,6 +380,29 @@ def test_rabbitmq_keeps_what_other_code_rejects_and_the_bus_stores_it(own, uid: 
     [copy] = inject.take_all(AUDIT)
     assert copy["body"] == first
     assert copy["headers"] == celery_headers(AUDIT, first_id)
+
+
+def test_rabbitmq_policy_mode_dead_letters_queues_declared_without_arguments(own, uid: str):
+    # Given a vhost with the documented policy, where queues are declared without arguments
+    # (as a plain Celery sender declares them)
+    scenario = own("amqp", BUS_RABBITMQ_DEAD_LETTERS="policy")
+    vhost = scenario.broker_url.rsplit("/", 1)[1]
+    done = subprocess.run(["rabbitmqctl", "-q", "set_policy", "-p", vhost, "bus-dead-letters", POLICY_PATTERN,
+                           '{"dead-letter-exchange":"bus.dead_letter"}', "--apply-to", "queues"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    cli(scenario, "drain")  # declares bus.dead_letter, as every worker does
+    inject, body, message_id = Injector(scenario), celery_body(order(f"o-{uid}")), str(uuid.uuid4())
+
+    # When other code rejects a message of a bus queue that has no arguments
+    reject_one(inject, PLACE_ORDER, body, celery_headers(PLACE_ORDER, message_id), arguments={})
+
+    # Then the policy dead-letters it and the bus stores it; bus.dead_letter itself is not looped
+    assert scenario.wait_for("the dead-lettered message", lambda: cli_json(scenario, "drain")["drained"]) == 1
+    [row] = letters(scenario)
+    assert (row.reason, row.queue, row.message_id, bytes(row.body)) == (
+        "rejected-by-broker", PLACE_ORDER, message_id, body)
+    assert not re.match(POLICY_PATTERN, "bus.dead_letter")
 
 
 # ---- crash safety ----------------------------------------------------------------------------------

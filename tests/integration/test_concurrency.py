@@ -60,3 +60,28 @@ def test_a_burst_is_shared_by_both_worker_processes(cluster: Scenario, uid: str)
 
     # Then both pool processes handled deliveries of it
     assert pool_processes_that_handled(cluster.worker.logfile.read_text(), key) == {"ForkPoolWorker-1", "ForkPoolWorker-2"}
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def threaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A Redis scenario whose worker runs the threads pool (4 threads share one engine)."""
+    from tests.integration.conftest import opened
+    with opened("redis", request.param, tmp_path_factory, "threads") as scenario:
+        scenario.worker = scenario.start_worker(concurrency=4, pool="threads", name="threads")
+        scenario.client = scenario.driver()
+        yield scenario
+
+
+def test_concurrent_duplicates_on_the_threads_pool_run_the_handler_once(threaded: Scenario, uid: str):
+    # Given a worker with the threads pool: four threads share the process's engine and its pool
+    fields, key = order(f"o-{uid}"), f"checkout-{uid}"
+    # When one key is sent 20 times at once
+    ids = threaded.client.burst(PLACE_ORDER, fields, key, TIMES)
+    # Then the handler ran once, and each thread's session kept to its own connection
+    assert threaded.client.get(ids[0]) == {"order_id": f"o-{uid}", "total": ITEMS_TOTAL}
+    threaded.wait_for("19 absorbed duplicates", lambda: threaded.rows(
+        "SELECT 1 FROM bus_commands WHERE task = :t AND key = :k AND duplicates = :n",
+        t=PLACE_ORDER, k=key, n=TIMES - 1))
+    assert threaded.rows("SELECT count(*) FROM orders WHERE order_id = :o", o=f"o-{uid}") == [(1,)]
+    assert threaded.rows("SELECT count(*) FROM bus_dead_letters") == [(0,)]
+    assert "concurrency: 4 (thread)" in threaded.worker.logfile.read_text()

@@ -19,8 +19,8 @@ dlq_cli = typer.Typer(help="Dead letters: messages the bus could not process, ke
                       no_args_is_help=True)
 console = Console()
 errors = Console(stderr=True)
-#: replays of more entries than this show a progress bar
-PROGRESS_FROM = 20
+#: replays of this many entries or more show a progress bar (on stderr)
+PROGRESS_FROM = 10
 
 
 def _fail(message: str) -> NoReturn:

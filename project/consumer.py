@@ -21,6 +21,8 @@ from project.redis_transport import NOT_A_MESSAGE
 from project.settings import load
 
 logger = logging.getLogger(__name__)
+#: seconds before a failed dead-letter record is tried again (doubling up to the cap)
+RECORD_RETRY_FIRST, RECORD_RETRY_CAP = 1.0, 60.0
 
 
 class BusConsumer(Consumer):
@@ -43,23 +45,51 @@ class BusConsumer(Consumer):
         return on_task_received
 
     def _keep(self, message: Any, reason: str, exc: BaseException | None, error: str | None = None) -> Any:
-        """Record `message` as a dead letter and ack it; a stand-in on which Celery's ack/reject are no-ops."""
-        headers = dict(message.headers or {})
+        """Record `message` as a dead letter and ack it; a stand-in on which Celery's ack/reject are no-ops.
+
+        If the store cannot be written (database down), the message stays unacked and the
+        record is tried again with backoff on the worker's timer: the worker keeps running
+        and the message is never acked without its record (a lost connection redelivers it).
+        """
         try:
-            deadletters.record(
-                engine_for(load().database_url), reason=reason,
-                message_id=headers.get("id") or message.properties.get("correlation_id"),
-                task=headers.get("task"), queue=_queue_of(message, self),
-                error=error or (f"{type(exc).__name__}: {exc}" if exc else "message is not a Celery task message"),
-                traceback="".join(traceback.format_exception(exc)) if exc else None,
-                headers=headers, body=message.body, content_type=message.content_type,
-                content_encoding=message.content_encoding,
-            )
-        except Exception:  # the record failed: leave the message to Celery's default handling
-            logger.exception("could not dead-letter message %r", headers.get("id"))
-            raise
-        message.ack()
+            self._record(message, reason, exc, error)
+        except Exception:
+            logger.exception("could not dead-letter message %r; it stays unacked, retrying in %ss",
+                             (message.headers or {}).get("id"), RECORD_RETRY_FIRST)
+            self._keep_later(message, reason, exc, error, RECORD_RETRY_FIRST)
+        else:
+            message.ack()
         return _Settled(message)
+
+    def _keep_later(self, message: Any, reason: str, exc: BaseException | None, error: str | None,
+                    delay: float) -> None:
+        def attempt() -> None:
+            try:
+                self._record(message, reason, exc, error)
+            except Exception as failure:  # noqa: BLE001 - still down: later again
+                logger.warning("could not dead-letter message %r (%r); retrying in %ss",
+                               (message.headers or {}).get("id"), failure, min(delay * 2, RECORD_RETRY_CAP))
+                self._keep_later(message, reason, exc, error, min(delay * 2, RECORD_RETRY_CAP))
+                return
+            try:
+                message.ack()
+            except Exception:  # noqa: BLE001 - the channel changed: redelivered, recorded as another attempt
+                logger.warning("dead-lettered message %r but could not ack it; it will be redelivered",
+                               (message.headers or {}).get("id"), exc_info=True)
+
+        self.timer.call_after(delay, attempt)
+
+    def _record(self, message: Any, reason: str, exc: BaseException | None, error: str | None) -> None:
+        headers = dict(message.headers or {})
+        deadletters.record(
+            engine_for(load().database_url), reason=reason,
+            message_id=headers.get("id") or message.properties.get("correlation_id"),
+            task=headers.get("task"), queue=_queue_of(message, self),
+            error=error or (f"{type(exc).__name__}: {exc}" if exc else "message is not a Celery task message"),
+            traceback="".join(traceback.format_exception(exc)) if exc else None,
+            headers=headers, body=message.body, content_type=message.content_type,
+            content_encoding=message.content_encoding,
+        )
 
     def on_decode_error(self, message, exc):
         if message.content_type == NOT_A_MESSAGE:

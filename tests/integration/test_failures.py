@@ -6,6 +6,8 @@ Real brokers, databases and `celery worker` processes; every scenario is a test'
   absorbed by the inbox when repeated: redis, amqp (with the dead-letter exchange wired);
 - a corpus of bad messages injected with redis-py / pika, each kept with its reason and
   its bytes, the worker serving on, and a byte-exact replay: redis, amqp, embedded;
+- a bad message arriving while the database refuses connections waits, unacked, for its
+  record; the worker keeps running: redis, amqp;
 - RabbitMQ's dead-letter exchange (queue arguments, and the documented policy): a message
   rejected by other code is kept too;
 - a pool process SIGKILLed mid-handler is redelivered at once; a whole worker SIGKILLed
@@ -310,11 +312,12 @@ def test_every_bad_message_is_kept_with_its_reason_and_bytes_and_replays_byte_ex
 
     # When the worker is gone and the queue's dead letters are replayed
     scenario.stop_worker(worker, grace=STOP_GRACE)
-    replayed = cli_json(scenario, "replay", "--queue", PLACE_ORDER)["replayed"]
+    done = cli(scenario, "replay", "--queue", PLACE_ORDER)  # 10 or more: behind a progress bar
 
     # Then the queue holds each of them again: the refused ones byte for byte with their
     # content type and headers, the invalid one as a task message with its id and fields
-    assert sorted(replayed) == sorted(r.id for r in rows)
+    assert f"replayed {len(rows)} dead letter(s) of {PLACE_ORDER}" in done.stdout
+    assert [r["replays"] for r in cli_json(scenario, "list")] == [1] * len(rows)
     again = inject.take_all(PLACE_ORDER)
     assert len(again) == len(items)
     for m in items:
@@ -326,6 +329,45 @@ def test_every_bad_message_is_kept_with_its_reason_and_bytes_and_replays_byte_ex
         [copy] = [c for c in again if c["body"] == m["body"]]
         assert copy["content_type"] == (m["content_type"] or NOT_A_MESSAGE), m["name"]
         assert copy["headers"] == (m["headers"] or {}), m["name"]
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_a_bad_message_waits_for_the_database_to_be_recorded_and_the_worker_keeps_running(
+        own, broker: str, uid: str, request: pytest.FixtureRequest):
+    # Given a worker on PostgreSQL, and a database that refuses every connection
+    scenario = own(broker, "postgresql")
+    worker = start_worker(scenario, request, name="store-down")
+    client = scenario.driver()
+    database = scenario.database_url.rsplit("/", 1)[1]
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+    def connections(allowed: bool) -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}'))
+            if not allowed:
+                conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
+                             {"d": database})
+    request.addfinalizer(admin.dispose)
+    request.addfinalizer(lambda: connections(True))
+    connections(False)
+
+    # When a message that can never run arrives while the store is down
+    body = f'{{"order_id": "o-{uid}", '.encode()
+    message = {"name": "broken", "body": body, "content_type": "application/json", "content_encoding": "utf-8",
+               "headers": celery_headers(PLACE_ORDER, str(uuid.uuid4()))}
+    Injector(scenario).publish(PLACE_ORDER, [message])
+    time.sleep(4)
+    # Then the worker keeps running (the record is retried, the message is not acked without it)
+    assert worker.process.poll() is None, worker.log()
+    assert "could not dead-letter message" in worker.logfile.read_text()
+
+    # When the database is back
+    connections(True)
+    # Then the message is recorded, byte for byte, once, and the worker serves commands
+    [row] = scenario.wait_for("the dead letter", lambda: letters(scenario), timeout=60)
+    assert (row.reason, bytes(row.body), row.message_id) == ("undecodable", body, message["headers"]["id"])
+    assert client.get(client.delay(PLACE_ORDER, **order(f"o-{uid}-ok")))["order_id"] == f"o-{uid}-ok"
+    assert len(letters(scenario)) == 1
 
 
 # ---- RabbitMQ's dead-letter exchange ---------------------------------------------------------------

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from project.registry import CommandBinding, SubscriberBinding
 
 logger = logging.getLogger(__name__)
+#: seconds before a message whose dead letter could not be stored (database down) runs again
+STORE_RETRY_DELAY = 10.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,15 @@ class Execution:
 
     def _dead_letter(self, binding, reason: str, error: str, body: dict[str, Any], delivery: Delivery,
                      tb: str | None = None) -> None:
+        try:
+            self._record(binding, reason, error, body, delivery, tb)
+        except Exception as exc:  # the store is down: never ack a message without its record
+            logger.warning("%s: could not dead-letter %s (%r); retrying the message in %ss",
+                           binding.name, delivery.message_id, exc, STORE_RETRY_DELAY)
+            raise RetryLater(STORE_RETRY_DELAY, exc) from exc
+
+    def _record(self, binding, reason: str, error: str, body: dict[str, Any], delivery: Delivery,
+                tb: str | None) -> None:
         deadletters.record(
             self.bus.engine(), reason=reason, message_id=delivery.message_id, task=binding.name,
             queue=binding.name, boundary=binding.boundary, error=error, traceback=tb,

@@ -189,3 +189,37 @@ def test_a_redis_list_item_that_is_not_a_kombu_message_is_delivered_as_its_bytes
 def test_a_kombu_message_in_a_redis_list_is_left_as_it_is():
     payload = {"body": "e30=", "headers": {"id": "x"}, "properties": {"delivery_tag": "t", "delivery_info": {}}}
     assert _parse(json.dumps(payload).encode(), "q") == payload
+
+
+# ---- the store down when a message must be dead-lettered ----------------------------------------
+def test_a_message_whose_dead_letter_cannot_be_stored_is_retried_not_dropped(bus_harness, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from handlers.messages import PlaceOrder
+    from project.execution import STORE_RETRY_DELAY
+
+    # Given a payment gateway that always fails (billing gives up after its 8 retries),
+    # and a dead-letter store that is down for its first 2 writes
+    bus_harness.fail("gateway", times=1000)
+    down = {"writes": 2}
+    record = deadletters.record
+
+    def flaky_record(*args, **kwargs):
+        if down["writes"]:
+            down["writes"] -= 1
+            raise OperationalError("INSERT INTO bus_dead_letters", {}, Exception("connection refused"))
+        return record(*args, **kwargs)
+    monkeypatch.setattr(deadletters, "record", flaky_record)
+
+    # When an order is placed and billing exhausts its policy
+    bus_harness.send(PlaceOrder(order_id="o-1", customer_id="c-1",
+                                items=[{"sku": "book", "quantity": 1, "unit_price": "1.00"}]))
+    bus_harness.run_until_idle()
+
+    # Then the copy is not acked without its record: it runs again, STORE_RETRY_DELAY apart,
+    # until the store takes the dead letter (8 policy retries + 2 while the store was down)
+    runs = [r for r in bus_harness.runs if r.name == "billing.charge_payment"]
+    assert [r.outcome for r in runs] == ["retried"] * 10 + ["dead-lettered"]
+    assert runs[-1].at - runs[-2].at == STORE_RETRY_DELAY
+    [letter] = bus_harness.dead_letters("billing.charge_payment")
+    assert letter.reason == "retries-exhausted"

@@ -47,10 +47,12 @@ broker_transport_options = {
 }
 broker_connection_retry_on_startup = True
 
-# Operators watch the bus in Flower.
-worker_send_task_events = True
-task_send_sent_event = True
-task_track_started = True
+# Operators watch the bus in Flower. Each costs per message (docs/benchmarks.md: task
+# events are about 40% of a Redis worker's main process); BUS_TASK_EVENTS=off and
+# BUS_TRACK_STARTED=off turn them off (Flower re-enables worker events while it runs).
+worker_send_task_events = os.environ.get("BUS_TASK_EVENTS", "on") != "off"
+task_send_sent_event = worker_send_task_events
+task_track_started = os.environ.get("BUS_TRACK_STARTED", "on") != "off"
 
 # The modules that bind handlers to the bus (tasks/); another deployment lists its own.
 include = [m for m in os.environ.get(

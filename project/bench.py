@@ -52,6 +52,8 @@ DATABASES = ("sqlite", "postgresql")
 #: the mark the test suite also sets on the Redis database numbers it claims: the two never share one
 REDIS_MARK = "celery-bus-tests:owner"
 SUBSCRIBER_QUEUE = "bench_sub.sub_{:03d}"
+#: settings of the bus's celeryconfig that cost per message and that bare Celery leaves off (recorded in reports)
+BUS_SETTINGS = ("worker_send_task_events", "task_send_sent_event", "task_track_started", "task_acks_late")
 #: the issue's targets (ratios are bus / bare in the same run)
 TARGETS = {"commands_sqlite": 0.9, "commands_postgresql": 0.7, "fanout_amqp": 0.8,
            "added_p50_ms": 2.0, "added_p99_ms": 10.0, "relay_postgresql": 5000.0}
@@ -570,6 +572,8 @@ def run(options: Options, console: Console) -> dict[str, Any]:
                 "subscribers": options.subscribers, "latency_n": options.latency_n, "rate": options.rate,
                 "pool": options.pool, "concurrency": options.concurrency, "loglevel": options.loglevel,
                 "prefetch_multiplier": celeryconfig.worker_prefetch_multiplier,
+                "bus_settings": {name: getattr(celeryconfig, name, None) for name in BUS_SETTINGS},
+                "result_backend": inst.settings.result_backend.split(":", 1)[0],
                 "load_before": load_before, "load_after": _load(), "cpus": os.cpu_count(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                 "duration_s": round(time.time() - started, 1), "created_and_removed": inst.created,

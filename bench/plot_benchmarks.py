@@ -1,0 +1,92 @@
+"""Draw docs/benchmarks.png from `bus bench --output` reports (needs the [bench] extra: matplotlib).
+
+    python bench/plot_benchmarks.py docs/benchmarks/*.json -o docs/benchmarks.png
+
+Three panels, one line or bar group per report (broker + database):
+no-op commands/s (bare Celery vs the bus), fan-out deliveries/s against the number of
+subscribers K (bus solid, bare Celery dashed; bare Redis fan-out is PUB/SUB and
+delivers one copy per consuming connection, so it is left out), and latency
+percentiles at the fixed rate (bare vs bus).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def label(report: dict) -> str:
+    return f"{report['run']['broker']}+{report['run']['db']}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("reports", nargs="+", type=Path)
+    parser.add_argument("-o", "--output", type=Path, default=Path("docs/benchmarks.png"))
+    args = parser.parse_args()
+    reports = [json.loads(p.read_text()) for p in args.reports]
+    fig, (commands, fanout, latency) = plt.subplots(1, 3, figsize=(17, 5.2))
+    width = 0.38
+    names = [label(r) for r in reports]
+    positions = range(len(reports))
+
+    bare = [r["summary"]["commands"]["bare"] or 0 for r in reports]
+    bus = [r["summary"]["commands"]["bus"] or 0 for r in reports]
+    commands.bar([p - width / 2 for p in positions], bare, width, label="bare Celery", color="#999999")
+    commands.bar([p + width / 2 for p in positions], bus, width, label="bus", color="#1f77b4")
+    for p, (a, b) in enumerate(zip(bare, bus)):
+        if a:
+            commands.annotate(f"{b / a:.2f}×", (p + width / 2, b), ha="center", va="bottom", fontsize=8)
+    commands.set_xticks(list(positions), names, rotation=20, fontsize=8)
+    commands.set_ylabel("no-op commands completed / s")
+    commands.set_title("commands (bus/bare ratio on the bars)")
+    commands.legend(fontsize=8)
+
+    for i, report in enumerate(reports):
+        color = f"C{i}"
+        points = sorted((int(k), v) for k, v in report["summary"]["fanout"].items())
+        if not points:
+            continue
+        ks = [k for k, _ in points]
+        fanout.plot(ks, [v["bus"] or 0 for _, v in points], "-o", color=color, label=f"bus {label(report)}")
+        if report["run"]["broker"] == "amqp":
+            fanout.plot(ks, [v["bare"] or 0 for _, v in points], "--s", color=color,
+                        label=f"bare Celery {label(report)}")
+    fanout.set_xscale("log", base=2)
+    fanout.set_xlabel("subscribers K")
+    fanout.set_ylabel("deliveries / s")
+    fanout.set_title("event fan-out (bare: RabbitMQ fanout exchange)")
+    fanout.legend(fontsize=7)
+
+    percentiles = ("p50", "p90", "p99")
+    step = len(percentiles) * 2 + 1
+    for i, report in enumerate(reports):
+        lat = report["summary"]["latency"]
+        for j, p in enumerate(percentiles):
+            x = i * step + j * 2
+            latency.bar(x, lat["bare"][p] or 0, 0.9, color="#999999", label="bare Celery" if i == j == 0 else None)
+            latency.bar(x + 0.9, lat["bus"][p] or 0, 0.9, color="#1f77b4", label="bus" if i == j == 0 else None)
+            latency.annotate(p, (x + 0.45, 0), ha="center", va="top", fontsize=6, xytext=(0, -2),
+                             textcoords="offset points")
+    latency.set_xticks([i * step + step / 2 - 1 for i in range(len(reports))], names, rotation=20, fontsize=8)
+    latency.tick_params(axis="x", pad=10)
+    latency.set_yscale("log")
+    latency.set_ylabel("ms, .delay() to handler start")
+    rate = reports[0]["summary"]["latency"]["rate"]
+    latency.set_title(f"latency at {rate:g} msg/s (p50, p90, p99)")
+    latency.legend(fontsize=8)
+
+    fig.suptitle("bus bench: the bus beside bare Celery, one run per broker+database (medians)", fontsize=11)
+    fig.tight_layout()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.output, dpi=110)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

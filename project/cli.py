@@ -10,6 +10,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from project import catalog
 from project.bench import bench
 from project.cli_dlq import dlq_cli
 from project.cli_observe import topology, trace
@@ -25,6 +26,7 @@ cli.add_typer(dlq_cli, name="dlq")
 cli.command()(topology)  # project/cli_observe.py
 cli.command()(trace)
 cli.command()(bench)  # project/bench.py
+cli.command("catalog")(catalog.command)  # project/catalog.py
 console = Console()
 
 

@@ -6,7 +6,7 @@ what is wrong and how to ask instead, and exits with status 2; nothing is change
 from __future__ import annotations
 
 import json
-from typing import Any, NoReturn, Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -166,5 +166,7 @@ def drain(as_json: bool = typer.Option(False, "--json", help="Print the count as
         count = drain_queue(bus)
     except DeadLetterExchangeError as exc:
         _fail(str(exc))
-    result: Any = {"drained": count}
-    typer.echo(json.dumps(result)) if as_json else console.print(f"drained {count} message(s) into the store")
+    if as_json:
+        typer.echo(json.dumps({"drained": count}))
+    else:
+        console.print(f"drained {count} message(s) into the store", highlight=False)

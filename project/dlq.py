@@ -16,6 +16,7 @@ recorded on the same row, which is then pending again.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from dataclasses import dataclass
@@ -105,8 +106,6 @@ def purge(engine: Engine, selection: Selection) -> int:
 
 def as_dict(row: Any, body: bool = False) -> dict[str, Any]:
     """A JSON-ready view of one dead letter (`body=True` adds the body, as text and base64)."""
-    import base64
-
     view = {name: getattr(row, name) for name in (
         "id", "message_id", "task", "queue", "boundary", "reason", "error", "attempts", "correlation_id",
         "content_type", "content_encoding", "replays")}

@@ -1,6 +1,8 @@
 """Draw docs/benchmarks.png from `bus bench --output` reports (needs the [bench] extra: matplotlib).
 
-    python bench/plot_benchmarks.py docs/benchmarks/*.json -o docs/benchmarks.png
+    python bench/plot_benchmarks.py reports/*.json -o docs/benchmarks.png [--markdown]
+
+With --markdown it also prints the tables of docs/benchmarks.md (figures as reported).
 
 Three panels, one line or bar group per report (broker + database):
 no-op commands/s (bare Celery vs the bus), fan-out deliveries/s against the number of
@@ -24,12 +26,53 @@ def label(report: dict) -> str:
     return f"{report['run']['broker']}+{report['run']['db']}"
 
 
+def _n(value, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(reports: list[dict]) -> str:
+    """The tables of docs/benchmarks.md: commands, latency, fan-out, relay, one row per report."""
+    out = ["| broker + db | load before -> after | bare no-op/s | bus commands/s | bus/bare | bare .delay()/s "
+           "| bus .delay()/s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in reports:
+        c = r["summary"]["commands"]
+        out.append(f"| {label(r)} | {r['run']['load_before'].split()[0]} -> {r['run']['load_after'].split()[0]} "
+                   f"| {_n(c['bare'])} | {_n(c['bus'])} | {_n(c['ratio'], 2)} | {_n(c['bare_send'])} "
+                   f"| {_n(c['bus_send'])} |")
+    out += ["", f"| broker + db | bare p50 | bare p90 | bare p99 | bus p50 | bus p90 | bus p99 | added p50 "
+            f"| added p99 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in reports:
+        lat = r["summary"]["latency"]
+        out.append(f"| {label(r)} | " + " | ".join(_n(lat[side][p], 1) for side in ("bare", "bus")
+                                                   for p in ("p50", "p90", "p99"))
+                   + f" | {_n(lat['added_p50'], 1)} | {_n(lat['added_p99'], 1)} |")
+    out += ["", "| broker + db | K | events | bare deliveries/s | bare delivered | bus deliveries/s | bus/bare "
+            "| relay events/s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in reports:
+        for k, f in sorted(r["summary"]["fanout"].items(), key=lambda kv: int(kv[0])):
+            relay = r["summary"]["relay"].get(k, {}).get("per_s")
+            delivered = f["bare_delivered"]
+            out.append(f"| {label(r)} | {k} | {f['events']} | {_n(f['bare'])} | "
+                       f"{'-' if delivered is None else f'{delivered:.0%}'} | {_n(f['bus'])} | {_n(f['ratio'], 2)} "
+                       f"| {_n(relay)} |")
+    out += ["", "| broker + db | target | value | bound | met |", "|---|---|---:|---:|---|"]
+    for r in reports:
+        for t in r["summary"]["targets"]:
+            bound = ("≥ " if t["higher_is_better"] else "≤ ") + _n(t["bound"], 2)
+            met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
+            out.append(f"| {label(r)} | {t['target']} | {_n(t['value'], 2)} | {bound} | {met} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", type=Path)
     parser.add_argument("-o", "--output", type=Path, default=Path("docs/benchmarks.png"))
+    parser.add_argument("--markdown", action="store_true", help="print the tables of docs/benchmarks.md")
     args = parser.parse_args()
     reports = [json.loads(p.read_text()) for p in args.reports]
+    if args.markdown:
+        print(markdown(reports))
     fig, (commands, fanout, latency) = plt.subplots(1, 3, figsize=(17, 5.2))
     width = 0.38
     names = [label(r) for r in reports]
@@ -65,16 +108,16 @@ def main() -> None:
 
     percentiles = ("p50", "p90", "p99")
     step = len(percentiles) * 2 + 1
+    ticks, tick_labels = [], []
     for i, report in enumerate(reports):
         lat = report["summary"]["latency"]
         for j, p in enumerate(percentiles):
             x = i * step + j * 2
             latency.bar(x, lat["bare"][p] or 0, 0.9, color="#999999", label="bare Celery" if i == j == 0 else None)
             latency.bar(x + 0.9, lat["bus"][p] or 0, 0.9, color="#1f77b4", label="bus" if i == j == 0 else None)
-            latency.annotate(p, (x + 0.45, 0), ha="center", va="top", fontsize=6, xytext=(0, -2),
-                             textcoords="offset points")
-    latency.set_xticks([i * step + step / 2 - 1 for i in range(len(reports))], names, rotation=20, fontsize=8)
-    latency.tick_params(axis="x", pad=10)
+            ticks.append(x + 0.45)
+            tick_labels.append(f"{label(report)} {p}" if j == 0 else p)
+    latency.set_xticks(ticks, tick_labels, rotation=60, fontsize=7, ha="right")
     latency.set_yscale("log")
     latency.set_ylabel("ms, .delay() to handler start")
     rate = reports[0]["summary"]["latency"]["rate"]

@@ -29,6 +29,7 @@ import os
 import platform
 import queue
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -653,6 +654,10 @@ def _phases(value: str) -> tuple[str, ...]:
     return chosen
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _clean(value: Any) -> Any:
     """NaN -> None, so that --json is strict JSON."""
     if isinstance(value, float) and math.isnan(value):
@@ -699,6 +704,10 @@ def bench(
                       latency_n=latency_n, rate=rate, concurrency=concurrency, pool=pool, loglevel=loglevel, stall=stall,
                       redis_url=redis_url, amqp_url=amqp_url, postgres_url=postgres_url, phases=_phases(phases))
     err = Console(stderr=True)
+    # SIGTERM (and SIGINT, which a shell leaves ignored for background jobs) end the run
+    # through its cleanup: workers stopped, vhost / database number / database removed.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
     try:
         report = _clean(run(options, err))
     except BenchError as exc:

@@ -85,7 +85,7 @@ def relay(side: Side, n: int, batch: int = 500) -> dict[str, Any]:
     started = time.time()
     for offset in range(0, n, batch):
         with UnitOfWork(bus.engine()) as uow:
-            sink = outbox.OutboxSink(uow.session, "bench", f"relay-{_RUN}-{offset}")
+            sink = outbox.OutboxSink(uow.session, "bench", f"relay-{uuid.uuid4().hex}-{offset}")
             for seq in range(offset, min(n, offset + batch)):
                 sink.publish(BenchPublished(seq=seq))
             uow.commit()

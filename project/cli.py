@@ -38,19 +38,26 @@ def loaded_bus():
 
 
 @cli.command()
-def check(timeout: float = typer.Option(2.0, help="Seconds to wait for worker replies.")) -> None:
-    """Check the running cluster: one owner per command queue, every command queue consumed."""
+def check(timeout: float = typer.Option(2.0, help="Seconds to wait for worker replies."),
+          strict: bool = typer.Option(False, "--strict", help="Also fail on warnings: a queue no worker consumes or nobody declared yet."),
+          rabbitmqctl: str = typer.Option(None, "--rabbitmqctl", help="Command that lists RabbitMQ bindings "
+                                          "(default: rabbitmqctl, when the broker is on this host).")) -> None:
+    """Check the running cluster and the broker: one owner per command queue, queues and bindings as declared."""
     from project.cluster import survey
+    from project.drift import examine
     bus = loaded_bus()
     report = survey(bus, timeout)
+    broker = examine(bus, timeout, rabbitmqctl)
     for line in report.conflicts:
         console.print(f"[red]conflict[/red]: {line}")
     for queue in report.unconsumed:
         console.print(f"[yellow]unconsumed[/yellow]: command queue {queue} has no running worker; "
                       f"start one: celery -A project worker --boundary {queue.split('.')[0]}")
+    broker.print(console)
     console.print(f"{len(report.workers)} worker(s) answered; {len(report.conflicts)} conflict(s); "
                   f"{len(report.unconsumed)} unconsumed command queue(s)")
-    raise typer.Exit(1 if report.conflicts else 0)
+    failed = report.conflicts or not broker.ok(strict) or (strict and report.unconsumed)
+    raise typer.Exit(1 if failed else 0)
 
 
 @cli.command("purge-keys")

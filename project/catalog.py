@@ -178,12 +178,7 @@ def command(
     if asyncapi:
         from project.asyncapi import document, dump
         kind = fmt.value if fmt is not Format.auto else ("json" if target.endswith(".json") else "yaml")
-        try:
-            text = dump(document(catalog), kind)
-        except ModuleNotFoundError as exc:
-            typer.echo(f"{exc.name} is needed to write YAML: pip install pyyaml, or write JSON: "
-                       f"--format json / --output docs/asyncapi.json", err=True)
-            raise typer.Exit(2) from None
+        text = dump(document(catalog), kind)
     else:
         text = markdown(catalog)
     if target == "-":

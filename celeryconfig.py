@@ -12,6 +12,8 @@ _settings = load()
 broker_url = _settings.broker_url
 result_backend = _settings.result_backend
 result_extended = True  # results keep task name and args: readable in Flower and `bus` tools
+# A db+sqlite result backend (RabbitMQ with SQLite) gets the bus's SQLite settings (WAL, no fsync per commit)
+database_engine_callback = "project.db:configure_result_engine"
 
 # JSON only: a pickled message is refused by the worker and dead-lettered, never run.
 task_serializer = "json"

@@ -144,6 +144,18 @@ def _create(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
+def configure_result_engine(engine: Engine) -> None:
+    """Celery's database result backend (`database_engine_callback`): on SQLite, the bus's connection settings.
+
+    Without them each stored result (STARTED, then SUCCESS) is committed with
+    synchronous=FULL, an fsync (about 1.3 ms on the bench machine) while holding the
+    write lock that every command's transaction waits for (docs/benchmarks.md).
+    """
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+
+
 def _sqlite_connect(dbapi_connection, _record) -> None:
     dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
     cursor = dbapi_connection.cursor()

@@ -1,13 +1,13 @@
 """The `bus` console command: the bus's generic commands plus this application's demo."""
 from entrypoints.demo import demo
-from project.cli import cli
+from project.cli import cli, run
 
 cli.command()(demo)
 
 
 @cli.command()
 def api(host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve the HTTP intake (POST /orders, POST /users, GET /commands/{id}); needs the [api] extra."""
+    """Serve the HTTP intake (POST /orders, POST /users, GET /commands/{id}); needs the `api` extra."""
     try:
         import uvicorn
     except ImportError:
@@ -16,4 +16,4 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
 
 
 def main() -> None:
-    cli()
+    run(cli)

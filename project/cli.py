@@ -124,5 +124,15 @@ def _redact(url: str) -> str:
     return f"{head.split('://')[0]}://***@{tail}" if head else url
 
 
+def run(app: typer.Typer) -> Any:
+    """Run `app`; a bus error (bad configuration, refused input) is one line and exit 2, not a traceback."""
+    from project.errors import BusError
+    try:
+        return app()
+    except BusError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+
+
 def main() -> Any:
-    return cli()
+    return run(cli)

@@ -22,7 +22,9 @@ def survey(bus: "Bus", timeout: float) -> Survey:
     replies = bus.app.control.broadcast("bus_owners", reply=True, timeout=timeout) or []
     owners: dict[str, dict[str, str]] = {}
     for reply in replies:
-        owners.update({host: served for host, served in reply.items() if isinstance(served, dict)})
+        # a worker without the bus's remote-control command answers {"error": ...}: not an owner
+        owners.update({host: served for host, served in reply.items()
+                       if isinstance(served, dict) and "error" not in served})
     report = Survey(workers=sorted(owners))
     hosts = sorted(owners)
     for i, host in enumerate(hosts):  # each pair of workers once

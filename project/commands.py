@@ -15,7 +15,7 @@ from typing import Any
 
 
 from project import idempotency
-from project.contracts import IDEMPOTENCY_KEY, Command, DomainError, payload_hash
+from project.contracts import IDEMPOTENCY_KEY, Command, DomainError
 from project.errors import IdempotencyConflict, InvalidMessage, MisroutedCommand
 from project.runtime import BusTask
 
@@ -36,7 +36,7 @@ def body_of(command: Command, key: str | None) -> tuple[dict[str, Any], str]:
     key = key or command.natural_key_value()
     if key is None:
         return payload, str(uuid.uuid4())
-    task_id = idempotency.task_id_for(command.task_name(), key, payload_hash(payload))
+    task_id = idempotency.task_id_for(command.task_name(), key, command.payload_hash())
     return {**payload, IDEMPOTENCY_KEY: key}, task_id
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -79,14 +80,28 @@ class Message(BaseModel):
         return self.model_dump(mode="json")
 
     def payload_hash(self) -> str:
-        """A stable digest of the fields: equal payloads, equal hash, in every process."""
-        return payload_hash(self.payload())
+        """A stable digest of the values: equal values, equal hash, in every process.
+
+        Decimals are normalised first, so "12.5" and "12.50" are one amount (the JSON
+        payload keeps the sender's spelling, which must not make a resend a conflict).
+        """
+        return payload_hash(_canonical(self.model_dump(mode="python")))
 
 
 def payload_hash(payload: dict[str, Any]) -> str:
     """Digest of a JSON-ready payload (sorted keys, compact separators)."""
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f")
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
 
 
 class Command(Message):

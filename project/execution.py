@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
 from project import deadletters, idempotency, inbox, metrics, trace
-from project.contracts import IDEMPOTENCY_KEY, Command, DomainError, MessageContext, payload_hash
+from project.contracts import IDEMPOTENCY_KEY, Command, DomainError, MessageContext
 from project.db import utcnow
 from project.errors import IdempotencyConflict, InvalidMessage
 from project.headers import EVENT_ID
@@ -99,7 +99,7 @@ class Execution:
     def _command_once(self, binding, command: Command, key: str, payload: dict[str, Any],
                       delivery: Delivery) -> tuple[Any, list[str] | None]:
         """(result, outbox ids written) if the handler ran, (stored result, None) for a duplicate."""
-        name, digest = binding.name, payload_hash(payload)
+        name, digest = binding.name, command.payload_hash()
         with UnitOfWork(self.bus.engine()) as uow:
             if not idempotency.claim(uow.session, name, key, digest, payload, delivery.message_id):
                 outcome = idempotency.previous(uow.session, name, key)

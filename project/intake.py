@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from project.commands import body_of
-from project.contracts import Command, payload_hash
+from project.contracts import Command
 from project.db import commands, dead_letters, intake, utcnow
 from project.errors import IdempotencyConflict
 from project.idempotency import differing_fields
@@ -45,7 +45,7 @@ class CommandState:
 def accept(bus: "Bus", command: Command, key: str) -> Accepted:
     """Record and send `command` under `key`; IdempotencyConflict if the key has another payload."""
     body, task_id = body_of(command, key)
-    name, digest = command.task_name(), payload_hash(command.payload())
+    name, digest = command.task_name(), command.payload_hash()
     with UnitOfWork(bus.engine()) as uow:
         fresh = uow.session.execute(insert_ignore(uow.session, intake).values(
             id=task_id, task=name, key=key, payload_hash=digest, payload=command.payload(),

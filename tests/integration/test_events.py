@@ -64,9 +64,8 @@ EVERY_BOUNDARY_BUT_BILLING = "orders,accounts,notifications,audit,bus"
 ORDER_PLACED_CONTRACT = "handlers.messages.OrderPlaced"
 #: seconds to wait, after the expected effects exist, for effects that must not come
 SETTLE = 1.0
-#: a stopped worker gets this long to exit before SIGKILL. Redis workers hang in warm
-#: shutdown because of the fork bug in project/worker.py (helpers.FORK_HANG); the
-#: scenario's own grace (10 s) would add that much per Redis worker to the run.
+#: a stopped worker gets this long to exit before SIGKILL (they stop in about 2 s; the
+#: scenario's default grace of 10 s only matters for a worker that hangs).
 STOP_GRACE = 4.0
 FAST_RETRY_MODULES = ("tasks.orders,tasks.accounts,tasks.billing,tasks.audit,"
                       "tests.integration.clients.notifications_fast_retry")

@@ -90,3 +90,15 @@ def test_payload_hash_is_independent_of_key_order_and_changes_with_any_value():
     other = PlaceOrder(order_id="o-1", customer_id="c-2", items=ITEMS)
     assert first.payload_hash() == same.payload_hash()
     assert first.payload_hash() != other.payload_hash()
+
+
+def test_one_amount_written_two_ways_is_one_payload():
+    # Given the same order line with its price written "12.5" and "12.50"
+    from handlers.messages import PlaceOrder
+    short = PlaceOrder(order_id="o-1", customer_id="c-1", items=[{"sku": "a", "quantity": 1, "unit_price": "12.5"}])
+    padded = PlaceOrder(order_id="o-1", customer_id="c-1", items=[{"sku": "a", "quantity": 1, "unit_price": "12.50"}])
+    # Then both hash the same (a resend with the same key is a duplicate, not a conflict)
+    assert short.payload_hash() == padded.payload_hash()
+    # ... while another amount does not
+    other = PlaceOrder(order_id="o-1", customer_id="c-1", items=[{"sku": "a", "quantity": 1, "unit_price": "12.51"}])
+    assert other.payload_hash() != short.payload_hash()

@@ -16,7 +16,6 @@ from pydantic import ValidationError
 
 from handlers.messages import OrderPlaced, PlaceOrder, RegisterUser
 from project.commands import body_of, check_route, prepare
-from project.contracts import payload_hash
 from project.core import Bus
 from project.errors import MisroutedCommand, NotACommand
 from project.idempotency import TASK_ID_NAMESPACE, task_id_for
@@ -66,7 +65,7 @@ def test_same_key_and_payload_give_the_same_task_id():
 def test_task_id_is_uuid5_of_task_key_and_payload_hash():
     import uuid
     _, task_id = prepare(PlaceOrder, FIELDS, "checkout-77")
-    digest = payload_hash(PlaceOrder(**FIELDS).payload())
+    digest = PlaceOrder(**FIELDS).payload_hash()
     assert task_id == task_id_for("orders.place_order", "checkout-77", digest)
     assert task_id == str(uuid.uuid5(TASK_ID_NAMESPACE, f"orders.place_order:checkout-77:{digest}"))
 

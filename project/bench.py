@@ -40,7 +40,7 @@ import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import typer
 from rich.console import Console
@@ -564,7 +564,7 @@ def run(options: Options, console: Console) -> dict[str, Any]:
             for k in options.subscribers if {"fanout", "relay"} & set(options.phases) else []:
                 raw["fanout"][k] = bench.fanouts(k)
     except BaseException:
-        console.print(f"[red]bench failed[/red]; logs kept in {home}/logs")
+        console.print(f"bench stopped; worker and sender logs kept in {home}/logs")
         raise
     finally:
         inst.close()
@@ -713,15 +713,12 @@ def bench(
     except BenchError as exc:
         err.print(f"[red]bus bench:[/red] {exc}")
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]bus bench: interrupted[/yellow]; workers stopped, broker namespace and database removed")
+        raise typer.Exit(130) from None
     if output:
         output.write_text(json.dumps(report, indent=2) + "\n")
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
         render(report, Console())
-
-
-def iter_reports(paths: list[Path]) -> Iterator[dict[str, Any]]:
-    """Reports written with --output (for docs tooling)."""
-    for path in paths:
-        yield json.loads(path.read_text())

@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from decimal import Decimal
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 from sqlalchemy import select
@@ -18,10 +16,9 @@ from sqlalchemy.engine import Engine
 from handlers import billing, notifications
 from handlers.messages import OrderPlaced, PaymentProcessed, PlaceOrder, UserAccountCreated
 from project.contracts import DomainError
-from project.db import engine_for, outbox
+from project.db import outbox
 from project.dispatch import COPY_ID_NAMESPACE, copy_task_id, own_queue
 from project.errors import DuplicateCommandHandler, NotACommand, WrongBoundary
-from project.migrate import upgrade
 from project.outbox import OutboxSink
 from project.redis_transport import is_durable_fanout
 from project.registry import Registry
@@ -32,14 +29,6 @@ from project.uow import UnitOfWork
 
 ORIGIN = "orders.place_order:checkout-77"
 
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    """A fresh SQLite database at the migrations' head."""
-    url = f"sqlite:///{tmp_path}/bus.db"
-    upgrade(url)
-    yield engine_for(url)
-    engine_for(url).dispose()
 
 
 def placed(order_id: str = "o-1") -> OrderPlaced:

@@ -9,28 +9,18 @@ from __future__ import annotations
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
 from project import idempotency
-from project.db import commands, engine_for, utcnow
-from project.migrate import upgrade
+from project.db import commands, utcnow
 from project.uow import UnitOfWork
 
 TASK = "orders.place_order"
 PAYLOAD = {"order_id": "o-1", "customer_id": "c-1", "items": [{"sku": "book", "quantity": 2}]}
 
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    url = f"sqlite:///{tmp_path}/bus.db"
-    upgrade(url)
-    yield engine_for(url)
-    engine_for(url).dispose()
 
 
 def claim(engine: Engine, key: str = "k", digest: str = "h1", payload: dict = PAYLOAD, *,

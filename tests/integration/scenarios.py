@@ -28,12 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import redis
 from celery import Celery
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from project import embedded
+from project import embedded, isolation
 from project.db import engine_for
 from project.migrate import upgrade
 from project.processes import WorkerProcess, start_worker
@@ -42,7 +41,6 @@ from tests.conftest import REPO
 
 CLIENTS = Path(__file__).resolve().parent / "clients"
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-REDIS_MARK = "celery-bus-tests:owner"
 
 
 class RemoteError(Exception):
@@ -260,64 +258,6 @@ class Driver:
                 self.process.wait(5)
 
 
-# ---- resources -----------------------------------------------------------------------------
-def _claim_redis_db(cleanups: list) -> int:
-    """An empty Redis database number (or one a dead test run of ours left behind)."""
-    for number in range(15, 0, -1):
-        client = redis.Redis(host="127.0.0.1", port=6379, db=number)
-        owner = client.get(REDIS_MARK)
-        stale = owner is not None and not _alive(int(owner))
-        if stale or (client.dbsize() == 0 and client.set(REDIS_MARK, os.getpid(), nx=True)):
-            client.flushdb()
-            client.set(REDIS_MARK, os.getpid())
-
-            def release(client=client) -> None:
-                client.flushdb()
-                client.close()
-            cleanups.append(release)
-            return number
-        client.close()
-    raise RuntimeError("no empty Redis database (1-15) left for the tests; FLUSHDB one you do not need")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _rabbitmqctl(*args: str) -> None:
-    done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr or done.stdout}")
-
-
-def _rabbitmq_vhost(cleanups: list) -> str:
-    vhost = f"bus-test-{uuid.uuid4().hex[:10]}"
-    _rabbitmqctl("add_vhost", vhost)
-    cleanups.append(lambda: _rabbitmqctl("delete_vhost", vhost))
-    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    return vhost
-
-
-def _postgres_database(cleanups: list) -> str:
-    name = f"bus_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-    cleanups.append(drop)
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
 def open_scenario(broker: str, database: str, home: Path) -> Scenario:
     """Create the resources of one scenario; `Scenario.close()` releases them."""
     cleanups: list[Callable[[], Any]] = []
@@ -329,15 +269,15 @@ def open_scenario(broker: str, database: str, home: Path) -> Scenario:
             embedded.ensure_running(home)
             cleanups.append(lambda: embedded.stop(home))
         elif broker == "redis":
-            env["CELERY_BROKER_URL"] = f"redis://127.0.0.1:6379/{_claim_redis_db(cleanups)}"
+            env["CELERY_BROKER_URL"] = f"redis://127.0.0.1:6379/{isolation.claim_redis_db(cleanups)}"
         elif broker == "amqp":
-            env["CELERY_BROKER_URL"] = f"amqp://guest:guest@127.0.0.1:5672/{_rabbitmq_vhost(cleanups)}"
+            env["CELERY_BROKER_URL"] = f"amqp://guest:guest@127.0.0.1:5672/{isolation.rabbitmq_vhost(cleanups)}"
         else:
             raise ValueError(f"unknown broker {broker!r}")
         if database == "sqlite":
             env["BUS_DATABASE_URL"] = f"sqlite:///{home}/bus.db"
         elif database == "postgresql":
-            env["BUS_DATABASE_URL"] = _postgres_database(cleanups)
+            env["BUS_DATABASE_URL"] = isolation.postgres_database(cleanups, PG_ADMIN_URL)
         else:
             raise ValueError(f"unknown database {database!r}")
         settings = load(env)

@@ -13,6 +13,7 @@ from sqlalchemy import insert, select
 
 from project.contracts import snake_case
 from project.db import commands, utcnow
+from project.isolation import alive
 from tests.conftest import REPO
 from tests.integration.conftest import opened
 
@@ -154,12 +155,4 @@ def test_demo_from_a_clean_home_reports_executions_duplicates_and_rejections(tmp
     assert (runs["billing.charge_payment"]["state"], runs["billing.charge_payment"]["attempts"]) == ("succeeded", 3)
     assert [e["name"] for e in runs["billing.charge_payment"]["children"]] == ["events.payment_processed"]
     # and leaves no embedded broker running behind it
-    assert not (home / "redis.pid").exists() or not _alive(int((home / "redis.pid").read_text()))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    assert not (home / "redis.pid").exists() or not alive(int((home / "redis.pid").read_text()))

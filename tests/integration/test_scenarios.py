@@ -13,8 +13,9 @@ import redis
 from sqlalchemy import create_engine, text
 
 from project import embedded
+from project.isolation import REDIS_MARK
 from tests.integration.conftest import opened
-from tests.integration.scenarios import PG_ADMIN_URL, REDIS_MARK
+from tests.integration.scenarios import PG_ADMIN_URL
 
 pytestmark = pytest.mark.integration
 

@@ -15,6 +15,7 @@ from project.bench import bench
 from project.cli_dlq import dlq_cli
 from project.cli_observe import topology, trace
 from project.durations import parse_duration
+from project.up import up
 
 cli = typer.Typer(help="celery-bus: commands with one owner, events with many listeners.",
                   no_args_is_help=True, add_completion=False)
@@ -27,6 +28,7 @@ cli.command()(topology)  # project/cli_observe.py
 cli.command()(trace)
 cli.command()(bench)  # project/bench.py
 cli.command("catalog")(catalog.command)  # project/catalog.py
+cli.command()(up)  # project/up.py
 console = Console()
 
 

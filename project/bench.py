@@ -13,7 +13,9 @@ both sides, it measures:
    fanout exchange bound to K queues (durable on RabbitMQ; PUB/SUB on Redis, lossy);
 3. latency at a fixed rate: `.delay()` to handler start, p50/p90/p99, bus and bare;
 4. relay events/s: N events written to the outbox, then `project.outbox.relay` timed
-   (no worker running), for each K.
+   (no worker running), for each K;
+5. with --peers, 1 and 2 on dramatiq and FastStream, after the above, against the same
+   broker server (project/bench_peers.py): the bus beside the libraries users would otherwise pick.
 
 Throughput is timed from the first send to the last completion, as the worker saw it
 (project/bench_probe.py): worker start-up and the sender's start-up are excluded, and
@@ -47,7 +49,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from project import isolation
+from project import bench_peers, isolation
 
 BROKERS = ("embedded", "redis", "amqp")
 PHASES = ("commands", "latency", "fanout", "relay")
@@ -82,6 +84,7 @@ class Options:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672"
     postgres_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     workdir: Path | None = None
+    peers: bool = False  # also dramatiq and FastStream (project/bench_peers.py)
 
 
 # ---- the installation ---------------------------------------------------------------
@@ -230,10 +233,11 @@ class Sender:
         threading.Thread(target=self._read, daemon=True).start()
 
     @classmethod
-    def start(cls, side: str, env: dict[str, str], cwd: Path, logfile: Path) -> "Sender":
+    def start(cls, side: str, env: dict[str, str], cwd: Path, logfile: Path,
+              module: str = "project.bench_sender") -> "Sender":
         logfile.parent.mkdir(parents=True, exist_ok=True)
         with open(logfile, "wb") as err:
-            process = subprocess.Popen([sys.executable, "-m", "project.bench_sender", side], env=env, cwd=cwd,
+            process = subprocess.Popen([sys.executable, "-m", module, side], env=env, cwd=cwd,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
                                        bufsize=1, start_new_session=True)
         return cls(process, logfile)
@@ -435,6 +439,8 @@ def summarize(options: Options, raw: dict[str, Any]) -> dict[str, Any]:
                          options.n / _median(runs["relay"], "write_s") if runs["relay"] else math.nan}
     report = {"commands": commands, "latency": latency, "fanout": fanout, "relay": relay}
     report["targets"] = targets(options, report)
+    if raw.get("peers"):
+        report["peers"] = bench_peers.summarize(options, raw["peers"], report)
     return report
 
 
@@ -499,6 +505,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         table.add_row(t["target"], _fmt(t["value"], 2), ("≥ " if t["higher_is_better"] else "≤ ") + _fmt(t["bound"], 2),
                       {True: "[green]yes[/green]", False: "[red]no[/red]", None: "-"}[t["met"]])
     console.print(table)
+    if s.get("peers"):
+        bench_peers.render(report, console)
 
 
 def run(options: Options, console: Console) -> dict[str, Any]:
@@ -520,6 +528,8 @@ def run(options: Options, console: Console) -> dict[str, Any]:
             raw["commands"] = bench.commands() if {"commands", "latency"} & set(options.phases) else {}
             for k in options.subscribers if {"fanout", "relay"} & set(options.phases) else []:
                 raw["fanout"][k] = bench.fanouts(k)
+            if options.peers:
+                raw["peers"] = bench_peers.measure(bench)
     except BaseException:
         console.print(f"bench stopped; worker and sender logs kept in {home}/logs")
         raise
@@ -635,6 +645,8 @@ def bench(
                                 "progress (a lossy fan-out reports what arrived)."),
     phases: str = typer.Option(",".join(PHASES), "--phases", help="Which measurements, a comma list of "
                                + ", ".join(PHASES) + "."),
+    peers: bool = typer.Option(False, "--peers", help="Also run the same no-op work and fan-out on dramatiq and "
+                               "FastStream, on the same broker (needs the [bench] extra)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress goes to stderr)."),
     output: Path | None = typer.Option(None, "--output", help="Also write the JSON report to this file."),
     redis_url: str = typer.Option("redis://127.0.0.1:6379", envvar="BUS_BENCH_REDIS_URL",
@@ -652,7 +664,10 @@ def bench(
         raise typer.BadParameter(f"use one of {', '.join(DATABASES)}", param_hint="--db")
     options = Options(broker=broker, db=db, n=n, subscribers=_subscribers(subscribers), repeat=repeat,
                       latency_n=latency_n, rate=rate, concurrency=concurrency, pool=pool, loglevel=loglevel, stall=stall,
-                      redis_url=redis_url, amqp_url=amqp_url, postgres_url=postgres_url, phases=_phases(phases))
+                      redis_url=redis_url, amqp_url=amqp_url, postgres_url=postgres_url, phases=_phases(phases),
+                      peers=peers)
+    if peers:
+        bench_peers.check(options)
     err = Console(stderr=True)
     # SIGTERM (and SIGINT, which a shell leaves ignored for background jobs) end the run
     # through its cleanup: workers stopped, vhost / database number / database removed.

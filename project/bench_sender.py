@@ -118,20 +118,25 @@ OPS: dict[str, Callable[..., dict[str, Any]]] = {
     "burst": burst, "paced": paced, "relay": relay, "purge": purge, "warm": warm}
 
 
-def main() -> None:
+def serve(make_side: Callable[[], Any], ops: dict[str, Callable[..., dict[str, Any]]]) -> None:
+    """Answer the requests on stdin with `ops`, one JSON line each (also project/bench_peer_sender.py)."""
     out = sys.stdout
     sys.stdout = sys.stderr  # anything a library prints stays off the protocol stream
-    side = Side(sys.argv[1])
+    side = make_side()
     out.write(json.dumps({"value": "ready"}) + "\n")
     out.flush()
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            reply = {"value": OPS[request.pop("op")](side, **request)}
+            reply = {"value": ops[request.pop("op")](side, **request)}
         except Exception as exc:  # noqa: BLE001 - reported to the orchestrator
             reply = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         out.write(json.dumps(reply) + "\n")
         out.flush()
+
+
+def main() -> None:
+    serve(lambda: Side(sys.argv[1]), OPS)
 
 
 if __name__ == "__main__":

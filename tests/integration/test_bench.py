@@ -2,10 +2,12 @@
 
 Smoke only: nothing here says anything about speed (a shared 2-core machine cannot
 promise any). The figures must be there and positive, the targets judged, the bench's
-broker namespace and database gone afterwards.
+broker namespace and database gone afterwards. With --peers, dramatiq and FastStream
+get rows too (skipped without the [bench] extra; under CI=true that fails instead).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.bus_services import require
+from tests.integration.bus_services import missing, require
 
 pytestmark = pytest.mark.integration
 BUS = str(Path(sys.executable).with_name("bus"))
@@ -67,3 +69,71 @@ def test_a_short_bench_run_reports_every_figure(broker, tmp_path):
     if broker == "amqp":
         vhosts = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True).stdout
         assert run["created_and_removed"]["vhost"] not in vhosts.split()
+
+
+# ---- --peers: dramatiq and FastStream beside bare Celery and the bus -----------------------
+def peers_installed() -> None:
+    """Skip (fail when CI=true) unless the [bench] extra is installed."""
+    absent = [module for module in ("dramatiq", "faststream") if importlib.util.find_spec(module) is None]
+    if absent:
+        missing(f"{' and '.join(absent)} not installed; the peers come with the [bench] extra: "
+                "pip install -e '.[bench]'")
+
+
+def one_line(text: str) -> str:
+    """`text` with the boxes and line breaks of typer's error panel taken out."""
+    return " ".join(text.replace("│", " ").split())
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_the_peers_are_measured_beside_bare_celery_and_the_bus(broker, tmp_path):
+    # Given a real broker and the [bench] extra
+    require(broker)
+    peers_installed()
+    # When the bench runs briefly with --peers, its table on stdout and its report in a file
+    report_file = tmp_path / "report.json"
+    done = subprocess.run([BUS, "bench", "--peers", "--broker", broker, "--db", "sqlite", "--n", "40",
+                           "--subscribers", "2", "--phases", "commands,fanout", "--stall", "5",
+                           "--output", str(report_file)],
+                          env={**os.environ, "COLUMNS": "250", "TMPDIR": str(tmp_path)}, cwd=REPO,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    peers = json.loads(report_file.read_text())["summary"]["peers"]
+    # Then each peer drained the no-op messages, and the bus is compared with it
+    assert set(peers) == {"dramatiq", "faststream"}
+    for name, peer in peers.items():
+        assert positive(peer["commands"]["per_s"]) and positive(peer["commands"]["send_per_s"]), (name, peer)
+        assert positive(peer["commands"]["bus_ratio"]) and positive(peer["commands"]["bare_ratio"]), (name, peer)
+        assert peer["settings"]["processes"] == 2 and peer["version"], (name, peer)
+    # And FastStream fanned out every copy to both subscribers; dramatiq says it has no fan-out
+    fan = peers["faststream"]["fanout"]["2"]
+    assert positive(fan["per_s"]) and positive(fan["bus_ratio"]) and fan["delivered"] == 1.0, fan
+    assert "no fan-out" in peers["dramatiq"]["fanout"]["2"]["not_measured"]
+    # And the table has a row for each library
+    for row in ("bare Celery", "bus", "dramatiq", "FastStream"):
+        assert f"│ {row} " in done.stdout, done.stdout
+    # And each peer ran in a namespace of its own, removed afterwards
+    created = [n for peer in peers.values() for n in peer["created_and_removed"]]
+    assert len(created) == 3, created  # dramatiq: commands; FastStream: commands, fan-out K=2
+    if broker == "amqp":
+        vhosts = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True).stdout.split()
+        assert not {n["vhost"] for n in created} & set(vhosts)
+    assert not list(tmp_path.glob("bb-*")), "the bench's working directory was removed"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--phases", "latency,relay"], "the peers run the commands and fanout phases; add commands or fanout to "
+                                    "--phases (given: latency,relay)"),
+    (["--pool", "threads"], "the peers match Celery's prefork pool (C processes, one message at a time each), "
+                            "not --pool threads; use --pool prefork or solo"),
+], ids=["phases-without-commands-or-fanout", "threads-pool"])
+def test_peers_refuse_a_run_they_cannot_measure_with_the_fix(args, says, tmp_path):
+    # Given a --peers run the peers cannot be matched in
+    # When it starts
+    done = subprocess.run([BUS, "bench", "--peers", *args], env={**os.environ, "COLUMNS": "300",
+                                                                 "TMPDIR": str(tmp_path)},
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    # Then it exits 2 (usage error) saying how to fix it, before touching any broker
+    assert done.returncode == 2, done.stderr
+    assert f"Invalid value for --peers: {says}" in one_line(done.stderr)
+    assert not list(tmp_path.glob("bb-*"))

@@ -5,6 +5,7 @@ module; `project/settings.py` documents the environment variables.
 """
 import os
 
+from project import quorum
 from project.settings import env_duration, env_int, load
 
 _settings = load()
@@ -48,6 +49,16 @@ broker_transport_options = {
     "unacked_restore_throttle": 1,  # scan on every sweep (one ZRANGE per interval and worker)
 }
 broker_connection_retry_on_startup = True
+# BUS_RABBITMQ_QUEUE_TYPE=quorum (project/quorum.py): the bus's queues are quorum queues, and
+# so are Celery's default queue and any queue Celery creates for a bare name. Celery then
+# turns global QoS off (quorum queues have none) and publishes countdowns (retries) through
+# RabbitMQ's native delayed delivery instead of holding them in the worker; that needs a
+# topic (not direct) exchange, hence the default queue's exchange type.
+quorum.check(_settings.broker_kind)
+if quorum.enabled():
+    task_default_queue_type = "quorum"
+    task_create_missing_queue_type = "quorum"
+    task_default_exchange_type = "topic"
 
 # Operators watch the bus in Flower. Each costs per message (docs/benchmarks.md: task
 # events are about 40% of a Redis worker's main process); BUS_TASK_EVENTS=off and

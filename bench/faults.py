@@ -1,6 +1,6 @@
 """The fault-injection suite: real workers, real brokers, processes SIGKILLed during the run.
 
-    python bench/faults.py --broker redis|amqp|embedded [--db sqlite|postgresql]
+    python bench/faults.py --broker redis|amqp|amqp-quorum|embedded [--db sqlite|postgresql]
                            --commands N --kills K [--json] [--broker-outage] [--db-outage]
 
 What it does, on an installation of its own (a fresh Redis database, RabbitMQ vhost or
@@ -57,7 +57,8 @@ ORDER_PLACED, USER_CREATED, PAYMENT = "events.order_placed", "events.user_accoun
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--broker", choices=("redis", "amqp", "embedded"), required=True)
+    parser.add_argument("--broker", choices=("redis", "amqp", "amqp-quorum", "embedded"), required=True,
+                        help="amqp-quorum: RabbitMQ with BUS_RABBITMQ_QUEUE_TYPE=quorum")
     parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--commands", type=int, default=200, help="commands sent, duplicates included")
     parser.add_argument("--kills", type=int, default=5, help="pool processes SIGKILLed during the run")
@@ -190,7 +191,7 @@ def progress(scenario: Scenario) -> int:
 
 def queued(scenario: Scenario, queues: list[str]) -> int:
     """Messages waiting in the bus's queues (Redis: unacked ones too)."""
-    if scenario.broker == "amqp":
+    if scenario.rabbitmq:
         from kombu import Connection
         total = 0
         with Connection(scenario.broker_url) as conn:
@@ -267,7 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scenario = open_scenario(args.broker, args.db, home)
     relay_stop = threading.Event()
     try:
-        visibility = args.visibility_timeout or (30 if args.broker_outage and args.broker != "amqp" else None)
+        visibility = args.visibility_timeout or (30 if args.broker_outage and not scenario.rabbitmq else None)
         if visibility:
             scenario.env["BUS_VISIBILITY_TIMEOUT"] = str(visibility)
         os.environ.update(scenario.env)
@@ -358,7 +359,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "task_reject_on_worker_lost": app.conf.task_reject_on_worker_lost,
                       "worker_prefetch_multiplier": app.conf.worker_prefetch_multiplier,
                       **{k: v for k, v in app.conf.broker_transport_options.items()
-                         if scenario.broker != "amqp"}},
+                         if not scenario.rabbitmq}},
             workers_alive=sum(1 for w in workers if w.process.poll() is None))
         return figures
     finally:

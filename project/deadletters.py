@@ -19,7 +19,8 @@ from project.db import dead_letters, utcnow
 logger = logging.getLogger(__name__)
 
 REASONS = ("invalid", "conflict", "retries-exhausted", "unknown-task", "undecodable",
-           "refused-content-type", "too-large", "rejected-by-broker")
+           "refused-content-type", "too-large", "rejected-by-broker",
+           "delivery-limit")
 
 
 def record(engine: Engine, *, reason: str, message_id: str | None, task: str | None,

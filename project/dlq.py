@@ -7,7 +7,8 @@ in the body, so the idempotency claim and the inbox still absorb a message that 
 fact been handled. What is re-sent:
 - a message the worker's consumer refused (unknown task, undecodable, refused content
   type, too large, rejected by the broker) is re-sent byte for byte: the stored body,
-  content type, content encoding and headers (less the broker's own `x-death*`);
+  content type, content encoding and headers (less the broker's own `x-death*` and
+  a quorum queue's `x-delivery-count`);
 - a message the execution refused or gave up on (invalid, conflict, retries
   exhausted) was stored as its fields; it is re-sent as a task message of its task with
   those fields, a fresh retry budget and its correlation id.
@@ -39,8 +40,8 @@ logger = logging.getLogger(__name__)
 
 #: reasons recorded by the execution from the message's fields (not its raw bytes)
 FIELD_REASONS = frozenset({"invalid", "conflict", "retries-exhausted"})
-#: headers the broker adds when it dead-letters a message; not part of the original
-BROKER_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-")
+#: headers the broker adds when it dead-letters or (quorum queues) delivers a message; not the original's
+BROKER_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
 
 
 class DeadLetterError(BusError):

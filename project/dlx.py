@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from celery import bootsteps
 from kombu import Connection, Consumer, Exchange, Queue
 
-from project import deadletters
+from project import deadletters, quorum
 from project.db import engine_for
 from project.errors import BusError, ConfigurationError
 
@@ -60,36 +60,69 @@ class DeadLetterExchangeError(BusError):
 
 
 def mode(env: Mapping[str, str] | None = None) -> str:
-    """The configured mode (BUS_RABBITMQ_DEAD_LETTERS), checked."""
-    value = (os.environ if env is None else env).get("BUS_RABBITMQ_DEAD_LETTERS", "").strip() or "off"
+    """The configured mode (BUS_RABBITMQ_DEAD_LETTERS), checked; `arguments` by default with quorum queues."""
+    value = (os.environ if env is None else env).get("BUS_RABBITMQ_DEAD_LETTERS", "").strip()
+    if quorum.enabled(env):
+        if value == "off":
+            raise ConfigurationError(
+                "BUS_RABBITMQ_DEAD_LETTERS=off with BUS_RABBITMQ_QUEUE_TYPE=quorum: a quorum queue drops a "
+                "message past its delivery limit unless it dead-letters it; unset BUS_RABBITMQ_DEAD_LETTERS "
+                "(quorum queues then use 'arguments') or set it to 'policy' (see project/quorum.py)")
+        value = value or "arguments"
+    value = value or "off"
     if value not in MODES:
         raise ConfigurationError(f"BUS_RABBITMQ_DEAD_LETTERS={value!r}: use one of {', '.join(MODES)} "
                                  f"(see project/dlx.py for what each does)")
     return value
 
 
-def queue_arguments() -> dict[str, str] | None:
-    """The arguments of command and subscriber queues (None unless mode `arguments`)."""
-    return {"x-dead-letter-exchange": EXCHANGE} if mode() == "arguments" else None
+def queue_arguments() -> dict[str, Any] | None:
+    """The arguments of the bus's queues: dead-lettering in mode `arguments`, and the quorum type."""
+    exchange = EXCHANGE if mode() == "arguments" else None
+    if quorum.enabled():
+        return quorum.arguments(exchange)
+    return {"x-dead-letter-exchange": exchange} if exchange else None
+
+
+def policy_definition() -> dict[str, Any]:
+    """The definition of the `policy` mode's RabbitMQ policy (with the delivery limit for quorum queues)."""
+    found: dict[str, Any] = {"dead-letter-exchange": EXCHANGE}
+    if quorum.enabled():
+        found.update({"delivery-limit": quorum.delivery_limit(), "dead-letter-strategy": "at-least-once",
+                      "overflow": "reject-publish"})
+    return found
 
 
 def dead_letter_queue() -> Queue:
-    return Queue(QUEUE, Exchange(EXCHANGE, type="fanout", durable=True), durable=True)
+    arguments = {"x-queue-type": "quorum"} if quorum.enabled() else None
+    return Queue(QUEUE, Exchange(EXCHANGE, type="fanout", durable=True), durable=True, queue_arguments=arguments)
 
 
 def keep(message: Any, database_url: str) -> None:
-    """Record one message of `bus.dead_letter` in the store ('rejected-by-broker')."""
+    """Record one message of `bus.dead_letter` in the store.
+
+    Reason 'delivery-limit' when a quorum queue gave up redelivering it (a poison
+    message: workers died running it), else 'rejected-by-broker'.
+    """
     headers = dict(message.headers or {})
     deaths = headers.get("x-death") or [{}]
     first = deaths[-1] if isinstance(deaths, list) and deaths else {}
     queue = first.get("queue") or headers.get("x-first-death-queue")
     why = first.get("reason") or headers.get("x-first-death-reason") or "unknown"
+    if why == "delivery_limit":
+        reason = "delivery-limit"
+        error = (f"RabbitMQ redelivered it from quorum queue {queue!r} more than its delivery limit "
+                 f"(BUS_RABBITMQ_DELIVERY_LIMIT) and gave up: a worker died or requeued it every time; "
+                 f"find why before `bus dlq replay`")
+    else:
+        reason = "rejected-by-broker"
+        error = f"RabbitMQ dead-lettered it from queue {queue!r} (reason: {why}); it never reached the bus's code"
     deadletters.record(
-        engine_for(database_url), reason="rejected-by-broker",
+        engine_for(database_url), reason=reason,
         message_id=headers.get("id") or message.properties.get("correlation_id")
         or message.properties.get("message_id"),
         task=headers.get("task"), queue=queue,
-        error=f"RabbitMQ dead-lettered it from queue {queue!r} (reason: {why}); it never reached the bus's code",
+        error=error,
         headers=headers, body=message.body, content_type=message.content_type,
         content_encoding=message.content_encoding)
 

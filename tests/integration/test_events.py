@@ -175,7 +175,7 @@ def queue_length(scenario: Scenario, queue: str) -> int:
         try:
             return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
         except ChannelError:
-            if scenario.broker == "amqp":
+            if scenario.rabbitmq:
                 raise
             return 0  # Redis has no empty queues: an empty list is no key at all
 
@@ -199,7 +199,7 @@ def order_mail(customer_id: str) -> str:
 
 
 # ---- every subscriber gets every event ---------------------------------------------------------
-@on_cluster(pair("embedded"), pair("redis"), pair("amqp"), pair("amqp", "postgresql"))
+@on_cluster(pair("embedded"), pair("redis"), pair("amqp"), pair("amqp", "postgresql"), pair("amqp-quorum", "postgresql"))
 def test_every_subscriber_gets_every_event_exactly_once(cluster: Scenario, uid: str):
     # Given a worker for every boundary
     # When three orders are placed and two users register
@@ -234,7 +234,7 @@ def test_every_subscriber_gets_every_event_exactly_once(cluster: Scenario, uid: 
         assert audits(cluster, u["user_id"]) == 1
 
 
-@on_cluster(pair("redis"), pair("amqp", "postgresql"))
+@on_cluster(pair("redis"), pair("amqp", "postgresql"), pair("amqp-quorum", "postgresql"))
 def test_a_subscriber_publishes_its_own_event_caused_by_the_one_it_handled(cluster: Scenario, uid: str):
     # Given a worker for every boundary
     # When an order is placed
@@ -257,7 +257,7 @@ def test_a_subscriber_publishes_its_own_event_caused_by_the_one_it_handled(clust
 
 
 # ---- a subscriber offline at publish time ------------------------------------------------------
-@pytest.mark.parametrize("broker", ["redis", "embedded", "amqp"])
+@pytest.mark.parametrize("broker", ["redis", "embedded", "amqp", "amqp-quorum"])
 def test_event_published_while_subscriber_is_offline_is_handled_when_it_starts(
         own, broker: str, uid: str, request: pytest.FixtureRequest):
     # Given workers for every boundary but billing
@@ -292,8 +292,9 @@ def test_event_published_while_subscriber_is_offline_is_handled_when_it_starts(
 
 
 # ---- independent retries -----------------------------------------------------------------------
-@pytest.mark.parametrize("broker, database", [("redis", "sqlite"), ("embedded", "sqlite"), ("amqp", "postgresql")],
-                         ids=["redis-sqlite", "embedded-sqlite", "amqp-postgresql"])
+@pytest.mark.parametrize("broker, database", [("redis", "sqlite"), ("embedded", "sqlite"), ("amqp", "postgresql"),
+                                              ("amqp-quorum", "postgresql")],
+                         ids=["redis-sqlite", "embedded-sqlite", "amqp-postgresql", "amqp-quorum-postgresql"])
 def test_failing_subscriber_is_retried_on_its_own_queue_while_siblings_run_once(
         own, broker: str, database: str, uid: str, request: pytest.FixtureRequest):
     # Given a worker whose SMS port fails its first 3 calls per message
@@ -320,7 +321,7 @@ def test_failing_subscriber_is_retried_on_its_own_queue_while_siblings_run_once(
     assert deliveries(scenario, event_id) == {s: 0 for s in USER_SUBSCRIBERS}
 
 
-@pytest.mark.parametrize("broker", ["redis", "amqp"])
+@pytest.mark.parametrize("broker", ["redis", "amqp", "amqp-quorum"])
 def test_subscriber_that_exhausts_its_retries_is_dead_lettered_alone(
         own, broker: str, uid: str, request: pytest.FixtureRequest):
     # Given a worker whose SMS port always fails, and whose notifications subscribers
@@ -432,7 +433,7 @@ def assert_celery_event_message(message: Any, event: Any) -> None:
 BUS_REDIS_TRANSPORT = "project.redis_transport:Transport"
 
 
-@pytest.mark.parametrize("cluster", [pair("amqp"), pair("redis")], indirect=True)
+@pytest.mark.parametrize("cluster", [pair("amqp"), pair("redis"), pair("amqp-quorum", "postgresql")], indirect=True)
 def test_plain_kombu_consumer_of_another_system_receives_events(cluster: Scenario, uid: str):
     # Given another system's queue, bound to events.order_placed with kombu (on Redis through
     # the bus's transport), consumed
@@ -453,7 +454,7 @@ def test_plain_kombu_queue_bound_on_redis_gets_a_durable_copy(cluster: Scenario,
     assert_celery_event_message(messages[0], event)
 
 
-@on_cluster(pair("amqp"))
+@on_cluster(pair("amqp"), pair("amqp-quorum", "postgresql"))
 def test_rabbitmq_holds_a_real_fanout_exchange_per_event(cluster: Scenario, topology: dict, uid: str):
     # Given a worker for every boundary (it declared every subscriber queue and its exchange)
     # When RabbitMQ lists the exchanges of the scenario's vhost
@@ -469,7 +470,7 @@ def test_rabbitmq_holds_a_real_fanout_exchange_per_event(cluster: Scenario, topo
 
 
 # ---- outbox relay and inbox ---------------------------------------------------------------------
-@on_cluster(pair("redis"), pair("amqp", "postgresql"))
+@on_cluster(pair("redis"), pair("amqp", "postgresql"), pair("amqp-quorum", "postgresql"))
 def test_relay_publishes_events_a_crash_left_in_the_outbox(cluster: Scenario, events_drivers, uid: str):
     # Given an OrderPlaced committed to the outbox by a worker that died before publishing it
     order_id, customer = f"o-{uid}", f"c-{uid}"
@@ -498,7 +499,7 @@ def test_relay_publishes_events_a_crash_left_in_the_outbox(cluster: Scenario, ev
     assert fetch(cluster, select(outbox.c.published_at).where(outbox.c.id == event_id))[0][0] is not None
 
 
-@on_cluster(pair("embedded"), pair("redis"), pair("amqp", "postgresql"))
+@on_cluster(pair("embedded"), pair("redis"), pair("amqp", "postgresql"), pair("amqp-quorum", "postgresql"))
 def test_event_published_twice_runs_each_subscriber_once(cluster: Scenario, events_drivers, uid: str):
     # Given an OrderPlaced in the outbox, published once and handled by both subscribers
     driver = events_drivers(cluster)

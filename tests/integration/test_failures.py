@@ -115,7 +115,7 @@ def cli_json(scenario: Scenario, *args: str) -> Any:
 
 
 # ---- replay ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("broker", ["redis", "amqp"])
+@pytest.mark.parametrize("broker", ["redis", "amqp", "amqp-quorum"])
 def test_replayed_subscriber_dead_letter_reaches_that_subscriber_only_and_keeps_its_ids(
         own, broker: str, uid: str, request: pytest.FixtureRequest):
     # Given a worker whose SMS port fails 3 times per message, and whose notifications
@@ -206,7 +206,7 @@ def corpus(uid: str, broker: str) -> list[dict[str, Any]]:
         item("binary", "refused-content-type", os.urandom(64) + uid.encode(), "application/octet-stream",
              headers={}, task=None),
     ]
-    if broker != "amqp":  # a list item pushed by hand, not even a kombu message
+    if not broker.startswith("amqp"):  # a list item pushed by hand, not even a kombu message
         items.append(item("not-a-kombu-message", "undecodable", f"garbage-{uid}".encode(), None, headers={},
                           task=None, bare=True))
     return items
@@ -233,7 +233,7 @@ class Injector:
         return pika.BlockingConnection(pika.URLParameters(self.scenario.broker_url))
 
     def publish(self, queue: str, items: list[dict[str, Any]]) -> None:
-        if self.scenario.broker == "amqp":
+        if self.scenario.rabbitmq:
             with self.pika() as conn:
                 channel = conn.channel()
                 for m in items:
@@ -257,14 +257,16 @@ class Injector:
     def take_all(self, queue: str) -> list[dict[str, Any]]:
         """Every message now in `queue`, removed: body, content type, headers."""
         taken = []
-        if self.scenario.broker == "amqp":
+        if self.scenario.rabbitmq:
             with self.pika() as conn:
                 channel = conn.channel()
                 while True:
                     method, props, body = channel.basic_get(queue, auto_ack=True)
                     if method is None:
                         return taken
-                    taken.append({"body": body, "content_type": props.content_type, "headers": props.headers or {}})
+                    headers = dict(props.headers or {})
+                    headers.pop("x-delivery-count", None)  # a quorum queue's, added when it delivers
+                    taken.append({"body": body, "content_type": props.content_type, "headers": headers})
         client = self.redis()
         while (raw := client.rpop(queue)) is not None:
             envelope = json.loads(raw)
@@ -274,7 +276,7 @@ class Injector:
         return taken
 
 
-@pytest.mark.parametrize("broker", ["redis", "amqp", "embedded"])
+@pytest.mark.parametrize("broker", ["redis", "amqp", "amqp-quorum", "embedded"])
 def test_every_bad_message_is_kept_with_its_reason_and_bytes_and_replays_byte_exact(
         own, broker: str, uid: str, request: pytest.FixtureRequest):
     # Given a worker for every boundary with a 64 KiB message limit
@@ -331,7 +333,7 @@ def test_every_bad_message_is_kept_with_its_reason_and_bytes_and_replays_byte_ex
         assert copy["headers"] == (m["headers"] or {}), m["name"]
 
 
-@pytest.mark.parametrize("broker", ["redis", "amqp"])
+@pytest.mark.parametrize("broker", ["redis", "amqp", "amqp-quorum"])
 def test_a_bad_message_waits_for_the_database_to_be_recorded_and_the_worker_keeps_running(
         own, broker: str, uid: str, request: pytest.FixtureRequest):
     # Given a worker on PostgreSQL, and a database that refuses every connection
@@ -471,7 +473,7 @@ def children(pid: int) -> set[int]:
     return found
 
 
-@pytest.mark.parametrize("broker", ["redis", "amqp"])
+@pytest.mark.parametrize("broker", ["redis", "amqp", "amqp-quorum"])
 def test_killed_worker_processes_are_redelivered_and_applied_once(
         own, broker: str, uid: str, request: pytest.FixtureRequest):
     # Given a worker whose handler holds its transaction open 3 s (on Redis with a 60 s
@@ -566,7 +568,7 @@ def test_database_connections_cut_while_commands_run_are_retried_not_failed(
 
 
 # ---- the fault suite at CI size -------------------------------------------------------------------
-@pytest.mark.parametrize("broker", ["redis", "amqp"])
+@pytest.mark.parametrize("broker", ["redis", "amqp", "amqp-quorum"])
 def test_fault_suite_loses_and_duplicates_nothing(broker: str, tmp_path: Path):
     # Given the fault suite at CI size: 200 commands (duplicates mixed in), 5 pool kills
     require(broker)

@@ -14,6 +14,7 @@ It prints the message ids (the `id` header: what the worker and the dead letters
 from __future__ import annotations
 
 import json
+import os
 import sys
 import uuid
 
@@ -25,12 +26,16 @@ def main() -> None:
     broker_url = sys.argv[1]
     messages = json.load(sys.stdin)
     app = Celery("foreign-service", broker=broker_url)
+    # On quorum queues a plain sender leaves the declaring to the bus (docs/deployment.md):
+    # its own declaration would lack the queues' arguments and RabbitMQ would refuse it.
+    options = {"declare": []} if os.environ.get("BUS_RABBITMQ_QUEUE_TYPE") == "quorum" else {}
     ids = []
     with Connection(broker_url) as conn:
         producer = conn.Producer()
         for message in messages:
             if message["kind"] == "task":
-                ids.append(app.send_task(message["name"], kwargs=message["kwargs"], queue=message["queue"]).id)
+                ids.append(app.send_task(message["name"], kwargs=message["kwargs"], queue=message["queue"],
+                                         **options).id)
                 continue
             message_id = str(uuid.uuid4())
             headers = {"task": message["task"], "id": message_id, "lang": "py", "root_id": message_id}

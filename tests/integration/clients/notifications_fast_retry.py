@@ -18,7 +18,10 @@ from tasks import wiring  # noqa: F401  (providers)
 
 #: every subscriber of this module gives up after 1 + MAX_RETRIES attempts
 MAX_RETRIES = int(os.environ.get("BUS_TEST_SUBSCRIBER_RETRIES", "2"))
-FAST = Backoff(max_retries=MAX_RETRIES, base=0.2, cap=0.5)
+#: BUS_TEST_SUBSCRIBER_DELAY=<seconds>: every retry waits exactly that long (no jitter)
+DELAY = float(os.environ.get("BUS_TEST_SUBSCRIBER_DELAY", "0"))
+FAST = (Backoff(max_retries=MAX_RETRIES, base=DELAY, cap=DELAY, jitter=False) if DELAY
+        else Backoff(max_retries=MAX_RETRIES, base=0.2, cap=0.5))
 
 send_order_confirmation = bus.subscriber(OrderPlaced, boundary="notifications", retry=FAST)(
     notifications.send_order_confirmation)

@@ -48,6 +48,10 @@ broker_transport_options = {
     "unacked_restore_interval": env_int("BUS_UNACKED_RESTORE_INTERVAL", 5, minimum=1),
     "unacked_restore_throttle": 1,  # scan on every sweep (one ZRANGE per interval and worker)
 }
+if _settings.broker_kind == "amqp":
+    # Publisher confirms: a publish returns once RabbitMQ has taken the message (on quorum
+    # queues: once a majority of nodes has it), so the outbox marks a row published only then.
+    broker_transport_options["confirm_publish"] = True
 broker_connection_retry_on_startup = True
 # BUS_RABBITMQ_QUEUE_TYPE=quorum (project/quorum.py): the bus's queues are quorum queues, and
 # so are Celery's default queue and any queue Celery creates for a bare name. Celery then

@@ -28,6 +28,12 @@ into the dead-letter store with reason 'rejected-by-broker', byte for byte, then
 In both `arguments` and `policy` the workers declare `bus.dead_letter` (so a dead-lettered
 message always has somewhere to go) and the `bus` boundary drains it. Redis has no
 dead-lettering: there, the consumer's records are the whole story.
+
+With quorum queues (project/quorum.py) the queues carry arguments anyway, dead-lettering
+is required (past its delivery limit a quorum queue would drop the message), so the
+mode defaults to `arguments` and `off` is refused; in `arguments` the queues also get
+`x-delivery-limit` and at-least-once dead-lettering, and a `policy` should set
+`delivery-limit`, `dead-letter-strategy: at-least-once` and `overflow: reject-publish`.
 """
 from __future__ import annotations
 
@@ -82,15 +88,6 @@ def queue_arguments() -> dict[str, Any] | None:
     if quorum.enabled():
         return quorum.arguments(exchange)
     return {"x-dead-letter-exchange": exchange} if exchange else None
-
-
-def policy_definition() -> dict[str, Any]:
-    """The definition of the `policy` mode's RabbitMQ policy (with the delivery limit for quorum queues)."""
-    found: dict[str, Any] = {"dead-letter-exchange": EXCHANGE}
-    if quorum.enabled():
-        found.update({"delivery-limit": quorum.delivery_limit(), "dead-letter-strategy": "at-least-once",
-                      "overflow": "reject-publish"})
-    return found
 
 
 def dead_letter_queue() -> Queue:

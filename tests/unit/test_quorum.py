@@ -118,12 +118,6 @@ def test_quorum_mode_on_a_broker_without_quorum_queues_is_refused(broker):
     quorum.check(broker, {})
 
 
-def test_the_policy_of_policy_mode_carries_the_delivery_limit_with_quorum_queues(quorum_mode, monkeypatch):
-    monkeypatch.setenv("BUS_RABBITMQ_DELIVERY_LIMIT", "7")
-    assert dlx.policy_definition() == {"dead-letter-exchange": "bus.dead_letter", "delivery-limit": 7,
-                                       "dead-letter-strategy": "at-least-once", "overflow": "reject-publish"}
-
-
 # ---- retries and the poison guard ----------------------------------------------------------------------
 @pytest.mark.parametrize("delay, sent", [(0, 0), (0.01, 1), (0.99, 1), (1, 1), (2.5, 2.5), (60, 60)])
 def test_a_retry_delay_under_a_second_is_sent_as_one_second(delay, sent):

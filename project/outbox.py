@@ -25,7 +25,7 @@ from project.contracts import Command, Event
 from project.db import outbox, utcnow
 from project.errors import NotACommand, WrongBoundary
 from project.headers import CAUSATION_HEADER, CORRELATION_HEADER, EVENT_ID
-from project.topology import event_exchange
+from project.topology import event_exchange, named_command_queue
 
 if TYPE_CHECKING:
     from project.core import Bus
@@ -153,7 +153,7 @@ def _publish_rows(bus: "Bus", rows: list[Any]) -> int:
             else:
                 check_route(row.name, {})
                 app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer,
-                              queue=row.name, headers=headers)
+                              queue=named_command_queue(row.name), headers=headers)
     with bus.engine().begin() as conn:
         conn.execute(update(outbox).where(outbox.c.id.in_([r.id for r in rows])).values(published_at=utcnow()))
     logger.debug("published %d outbox row(s)", len(rows))

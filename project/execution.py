@@ -119,8 +119,7 @@ class Execution:
                 self._store_domain_error(name, key, digest, payload, delivery, exc)
                 trace.failed(self.bus.engine(), binding, delivery, exc, state="refused")
                 raise
-            idempotency.finish(uow.session, name, key, result=result)
-            trace.ran(uow.session, binding, delivery)
+            uow.write(idempotency.finished(name, key, result=result), trace.succeeded(uow.dialect, binding, delivery))
             uow.commit()
             return result, sink.written
 
@@ -171,7 +170,7 @@ class Execution:
             context = delivery.context(f"{binding.name}:{event_id}")
             sink = self.bus.sink(uow, binding.boundary, f"{binding.name}:{event_id}", context)
             binding.handler(event, **self.bus.dependencies(binding, uow, sink, context))
-            trace.ran(uow.session, binding, delivery, event_id=event_id)
+            uow.write(trace.succeeded(uow.dialect, binding, delivery, event_id=event_id))
             uow.commit()
             return True, sink.written
 

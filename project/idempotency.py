@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
-from project.db import commands, utcnow
-from project.insert import insert_ignore
+from project.db import Write, commands, utcnow
+from project.insert import claim_statement
 
 #: namespace of task ids derived from idempotency keys (never change it once released)
 TASK_ID_NAMESPACE = uuid.UUID("5b0e7a52-6c4f-4b55-9a3e-2f7c1d0b8e11")
@@ -47,11 +47,9 @@ class Outcome:
 def claim(session: Session, task: str, key: str, payload_hash: str, payload: dict[str, Any],
           message_id: str) -> bool:
     """Claim the key in the current transaction; False if it was already claimed."""
-    stmt = insert_ignore(session, commands).values(
-        task=task, key=key, payload_hash=payload_hash, payload=payload, status="running",
-        message_id=message_id, duplicates=0, created_at=utcnow(),
-    ).returning(commands.c.key)
-    return session.execute(stmt).first() is not None
+    row = {"task": task, "key": key, "payload_hash": payload_hash, "payload": payload, "status": "running",
+           "message_id": message_id, "duplicates": 0, "created_at": utcnow()}
+    return session.execute(claim_statement(session.bind.dialect.name, commands, "key"), row).first() is not None
 
 
 def previous(session: Session, task: str, key: str) -> Outcome:
@@ -69,9 +67,23 @@ def absorbed(session: Session, task: str, key: str) -> None:
 def finish(session: Session, task: str, key: str, *, result: Any = None,
            error_type: str | None = None, error_message: str | None = None) -> None:
     """Store the outcome on the claim (in the same transaction)."""
-    session.execute(update(commands).where(commands.c.task == task, commands.c.key == key).values(
-        status="failed" if error_type else "succeeded", result=result,
-        error_type=error_type, error_message=error_message, finished_at=utcnow()))
+    session.execute(*finished(task, key, result=result, error_type=error_type, error_message=error_message))
+
+
+def finished(task: str, key: str, *, result: Any = None, error_type: str | None = None,
+             error_message: str | None = None) -> Write:
+    """The write that stores the outcome on the claim (for `UnitOfWork.write`)."""
+    return _FINISH, {"finish_task": task, "finish_key": key, "finish_status": "failed" if error_type else "succeeded",
+                     "finish_result": result, "finish_error_type": error_type,
+                     "finish_error_message": error_message, "finish_at": utcnow()}
+
+
+#: built once: parameters prefixed, so that it can share a statement with others (UnitOfWork.write)
+_FINISH = update(commands).where(
+    commands.c.task == bindparam("finish_task"), commands.c.key == bindparam("finish_key"),
+).values(status=bindparam("finish_status"), result=bindparam("finish_result"),
+         error_type=bindparam("finish_error_type"), error_message=bindparam("finish_error_message"),
+         finished_at=bindparam("finish_at"))
 
 
 def differing_fields(first: dict[str, Any], second: dict[str, Any]) -> list[str]:

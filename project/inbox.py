@@ -5,14 +5,13 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from project.db import inbox, utcnow
-from project.insert import insert_ignore
+from project.insert import claim_statement
 
 
 def claim(session: Session, event_id: str, subscriber: str) -> bool:
     """Claim (event, subscriber) in the current transaction; False (counted) if it already ran."""
-    stmt = insert_ignore(session, inbox).values(event_id=event_id, subscriber=subscriber, duplicates=0,
-                                                processed_at=utcnow())
-    if session.execute(stmt.returning(inbox.c.event_id)).first() is not None:
+    row = {"event_id": event_id, "subscriber": subscriber, "duplicates": 0, "processed_at": utcnow()}
+    if session.execute(claim_statement(session.bind.dialect.name, inbox, "event_id"), row).first() is not None:
         return True
     session.execute(update(inbox).where(inbox.c.event_id == event_id, inbox.c.subscriber == subscriber)
                     .values(duplicates=inbox.c.duplicates + 1))

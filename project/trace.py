@@ -3,7 +3,8 @@
 Write side: every execution of a command or subscriber leaves one row in
 `bus_executions` (message, task, conversation, state, attempts, start and end of the
 last attempt). A success is written in the handler's own transaction (one more
-INSERT, no extra commit), so the row exists exactly when the effects do; a failed
+INSERT, no extra commit; on PostgreSQL a command's goes in one round trip with its
+stored result), so the row exists exactly when the effects do; a failed
 attempt (retrying, or given up and dead-lettered) is written in a short transaction of
 its own, and a failure to write it never changes the message's outcome. Duplicates
 absorbed are not logged here: the claim tables already count them.
@@ -19,14 +20,15 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from functools import cache
 from typing import TYPE_CHECKING, Any, Iterable
 
-from sqlalchemy import or_, select
+from sqlalchemy import Insert, bindparam, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from project.db import commands, dead_letters, executions, inbox, intake, outbox, utcnow
+from project.db import Write, commands, dead_letters, executions, inbox, intake, outbox, utcnow
 
 if TYPE_CHECKING:
     from project.execution import Delivery
@@ -36,10 +38,9 @@ logger = logging.getLogger(__name__)
 
 
 # ---- write side ----------------------------------------------------------------------
-def ran(session: Session, binding: Any, delivery: "Delivery", *, event_id: str | None = None,
-        state: str = "succeeded", error: str | None = None) -> None:
-    """Log this attempt's outcome in the execution's own transaction (`session`)."""
-    session.execute(_upsert(session.bind.dialect.name, _row(binding, delivery, event_id, state, error)))
+def succeeded(dialect_name: str, binding: Any, delivery: "Delivery", *, event_id: str | None = None) -> Write:
+    """The write that logs this successful attempt, in the execution's own transaction (`UnitOfWork.write`)."""
+    return _upsert(dialect_name, keep_error=True), _params(_row(binding, delivery, event_id, "succeeded", None))
 
 
 def failed(engine: Engine, binding: Any, delivery: "Delivery", exc: BaseException, *, state: str,
@@ -48,7 +49,7 @@ def failed(engine: Engine, binding: Any, delivery: "Delivery", exc: BaseExceptio
     row = _row(binding, delivery, event_id, state, f"{type(exc).__name__}: {exc}"[:2000])
     try:
         with engine.begin() as conn:
-            conn.execute(_upsert(engine.dialect.name, row))
+            conn.execute(_upsert(engine.dialect.name, keep_error=False), _params(row))
     except Exception:  # the outcome is decided; the log is a convenience
         logger.warning("could not log the failed attempt of %s %s", binding.name, delivery.message_id,
                        exc_info=True)
@@ -67,12 +68,18 @@ def _row(binding: Any, delivery: "Delivery", event_id: str | None, state: str, e
             "started_at": delivery.started_at, "finished_at": utcnow()}
 
 
-def _upsert(dialect_name: str, row: dict):
+def _params(row: dict) -> dict:
+    return {f"log_{name}": value for name, value in row.items()}
+
+
+@cache
+def _upsert(dialect_name: str, keep_error: bool) -> Insert:
+    """The log row's INSERT .. ON CONFLICT DO UPDATE, built once (parameters `log_<column>`, see `_params`)."""
     dialect = postgresql if dialect_name == "postgresql" else sqlite
-    stmt = dialect.insert(executions).values(**row)
+    stmt = dialect.insert(executions).values({c.name: bindparam(f"log_{c.name}") for c in executions.columns})
     changed = {name: stmt.excluded[name] for name in ("state", "attempts", "started_at", "finished_at")}
     # a success keeps the error of the attempt before it ("succeeded after: ...")
-    changed["error"] = stmt.excluded.error if row["error"] else executions.c.error
+    changed["error"] = executions.c.error if keep_error else stmt.excluded.error
     return stmt.on_conflict_do_update(index_elements=["message_id", "task"], set_=changed)
 
 

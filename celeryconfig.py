@@ -5,13 +5,15 @@ module; `project/settings.py` documents the environment variables.
 """
 import os
 
-from project import quorum
+from project import quorum, results
 from project.settings import env_duration, env_int, load
 
 _settings = load()
 
 broker_url = _settings.broker_url
-result_backend = _settings.result_backend
+# Celery's backend for that URL, behind project/results.py: a command's result, stored with its
+# idempotency claim, is not stored a second time (database) or not read before its write (Redis).
+result_backend = results.backend_url(_settings.result_backend)
 result_extended = True  # results keep task name and args: readable in Flower and `bus` tools
 # A db+sqlite result backend (RabbitMQ with SQLite) gets the bus's SQLite settings (WAL, no fsync per commit)
 database_engine_callback = "project.db:configure_result_engine"

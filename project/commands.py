@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 
-from project import idempotency
+from project import idempotency, results
 from project.contracts import IDEMPOTENCY_KEY, Command, DomainError
 from project.errors import IdempotencyConflict, InvalidMessage, MisroutedCommand
 from project.runtime import BusTask
@@ -77,4 +77,6 @@ class CommandTask(BusTask):
 
 def run_command(task: CommandTask, **fields: Any) -> Any:
     """The body of every command task."""
-    return task.run_execution(task.bus.execution.command, fields).value
+    executed = task.run_execution(task.bus.execution.command, fields)
+    results.mark(task.request, executed.stored_under)  # Celery's backend need not store it again
+    return executed.value

@@ -37,7 +37,8 @@ commands = Table(
     Column("result", JSON),
     Column("error_type", String(300)),
     Column("error_message", Text),
-    Column("message_id", String(64), nullable=False),
+    # indexed: Celery's result backend answers AsyncResult(message id) from here (project/results.py)
+    Column("message_id", String(64), nullable=False, index=True),
     Column("duplicates", Integer, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True), nullable=False, default=utcnow, index=True),
     Column("finished_at", DateTime(timezone=True)),

@@ -63,6 +63,8 @@ class Executed:
 
     value: Any
     ran: bool
+    #: a command's: the message id its claim stores the outcome under (this one's if it ran now)
+    stored_under: str | None = None
 
 
 class RetryLater(Exception):
@@ -88,17 +90,17 @@ class Execution:
         payload = command.payload()
         key = key or command.natural_key_value() or delivery.message_id
         try:
-            result, published = self._command_once(binding, command, key, payload, delivery)
+            result, published, stored_under = self._command_once(binding, command, key, payload, delivery)
         except (DomainError, IdempotencyConflict):
             raise
         except Exception as exc:
             raise self._failure(binding, self.bus.command_policy, exc, {**payload, IDEMPOTENCY_KEY: key}, delivery)
         self.bus.publisher.publish(published or [])
-        return Executed(result, ran=published is not None)
+        return Executed(result, ran=published is not None, stored_under=stored_under)
 
     def _command_once(self, binding, command: Command, key: str, payload: dict[str, Any],
-                      delivery: Delivery) -> tuple[Any, list[str] | None]:
-        """(result, outbox ids written) if the handler ran, (stored result, None) for a duplicate."""
+                      delivery: Delivery) -> tuple[Any, list[str] | None, str]:
+        """(result, outbox ids written, this message id) if the handler ran, else (stored result, None, its id)."""
         name, digest = binding.name, command.payload_hash()
         with UnitOfWork(self.bus.engine()) as uow:
             if not idempotency.claim(uow.session, name, key, digest, payload, delivery.message_id):
@@ -108,7 +110,7 @@ class Execution:
                     metrics.absorbed(name)
                     logger.info("%s key %r already handled: duplicate absorbed", name, key)
                 uow.commit()
-                return self._replay(binding, outcome, key, digest, payload, delivery), None
+                return self._replay(binding, outcome, key, digest, payload, delivery), None, outcome.message_id
             context = delivery.context(key)
             sink = self.bus.sink(uow, binding.boundary, f"{name}:{key}", context)
             try:
@@ -121,7 +123,7 @@ class Execution:
                 raise
             uow.write(idempotency.finished(name, key, result=result), trace.succeeded(uow.dialect, binding, delivery))
             uow.commit()
-            return result, sink.written
+            return result, sink.written, delivery.message_id
 
     def _store_domain_error(self, name: str, key: str, digest: str, payload: dict[str, Any],
                             delivery: Delivery, exc: DomainError) -> None:

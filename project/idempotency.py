@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from project.db import Write, commands, utcnow
@@ -42,6 +43,7 @@ class Outcome:
     result: Any
     error_type: str | None
     error_message: str | None
+    message_id: str  # of the delivery that ran it: the outcome is stored under this id
 
 
 def claim(session: Session, task: str, key: str, payload_hash: str, payload: dict[str, Any],
@@ -55,7 +57,14 @@ def claim(session: Session, task: str, key: str, payload_hash: str, payload: dic
 def previous(session: Session, task: str, key: str) -> Outcome:
     """The stored outcome of an earlier claim."""
     row = session.execute(select(commands).where(commands.c.task == task, commands.c.key == key)).one()
-    return Outcome(row.payload_hash, row.payload, row.status, row.result, row.error_type, row.error_message)
+    return Outcome(row.payload_hash, row.payload, row.status, row.result, row.error_type, row.error_message,
+                   row.message_id)
+
+
+def succeeded_under(conn: Connection, message_id: str) -> Any | None:
+    """The claim whose handler ran as message `message_id` and succeeded (task, payload, result, finished_at)."""
+    return conn.execute(select(commands.c.task, commands.c.payload, commands.c.result, commands.c.finished_at)
+                        .where(commands.c.message_id == message_id, commands.c.status == "succeeded")).first()
 
 
 def absorbed(session: Session, task: str, key: str) -> None:

@@ -6,7 +6,7 @@ module; `project/settings.py` documents the environment variables.
 import os
 
 from project import quorum, results
-from project.settings import env_duration, env_int, load
+from project.settings import env_duration, env_int, env_switch, load
 
 _settings = load()
 
@@ -66,12 +66,18 @@ if quorum.enabled():
     task_create_missing_queue_type = "quorum"
     task_default_exchange_type = "topic"
 
-# Operators watch the bus in Flower. Each costs per message (docs/benchmarks.md: task
-# events are about 40% of a Redis worker's main process); BUS_TASK_EVENTS=off and
-# BUS_TRACK_STARTED=off turn them off (Flower re-enables worker events while it runs).
-worker_send_task_events = os.environ.get("BUS_TASK_EVENTS", "on") != "off"
+# Task events and the STARTED state cost per message (docs/benchmarks.md: task events
+# were about 40% of a Redis worker's main process and a quarter of .delay(); STARTED is
+# one more result-backend write per command), so both are off by default. Flower turns
+# task events on at every worker by remote control (enable_events, within 5 s of its
+# start and every 5 s after), so operators running Flower still see every task it
+# receives from then on, with its state, args, result and runtime; what they do not get
+# without BUS_TASK_EVENTS=on is the task-sent event (a message queued but not yet
+# received is not listed) and tasks run before Flower started. BUS_TASK_EVENTS=on sends
+# events from the start; BUS_TRACK_STARTED=on stores STARTED in the result backend.
+worker_send_task_events = env_switch("BUS_TASK_EVENTS", False)
 task_send_sent_event = worker_send_task_events
-task_track_started = os.environ.get("BUS_TRACK_STARTED", "on") != "off"
+task_track_started = env_switch("BUS_TRACK_STARTED", False)
 
 # The modules that bind handlers to the bus (tasks/); another deployment lists its own.
 include = [m for m in os.environ.get(

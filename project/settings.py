@@ -83,6 +83,17 @@ def env_int(name: str, default: int, minimum: int = 0, env: Mapping[str, str] | 
     return value
 
 
+def env_switch(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    """An on/off setting; any other value stops start-up naming the variable and the accepted values."""
+    env = os.environ if env is None else env
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() not in ("on", "off"):
+        raise ConfigurationError(f"{name}={raw!r} is not valid; use on or off (default {'on' if default else 'off'})")
+    return raw.lower() == "on"
+
+
 def env_duration(name: str, default: str, env: Mapping[str, str] | None = None) -> str:
     """A duration setting (`7d`, `12h`), checked at start-up rather than when first used."""
     from project.durations import parse_duration

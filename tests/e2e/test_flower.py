@@ -1,6 +1,7 @@
 """Flower on a real bus (issue 7): `celery -A project flower` against Redis and a real worker.
 
-Two Flower processes watch one worker from before the first message: one with basic
+Two Flower processes watch one worker from before the first message (the worker starts
+with task events off, as shipped, and Flower turns them on): one with basic
 authentication (FLOWER_BASIC_AUTH), read through its HTTP API, and one started with
 `--unauthenticated` (local development), which headless Chromium photographs: Chromium
 does not send credentials written in a URL to the page's own requests, and the
@@ -41,6 +42,8 @@ pytestmark = pytest.mark.e2e
 USER, PASSWORD = "bus", "s3cret-for-tests"
 CHARGE = "billing.charge_payment"
 CONFIRM = "notifications.send_order_confirmation"
+#: what a worker logs when a remote control (Flower's) turns its task events on
+EVENTS_ENABLED = "Events of group {task} enabled by remote."
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
 
@@ -138,6 +141,10 @@ def flowers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespac
         try:
             for flower in (secured, open_):
                 wait_until("Flower to see the worker", lambda f=flower: sees_worker(f, scenario.worker.hostname), flower)
+            # The worker starts without task events (BUS_TASK_EVENTS is off by default): Flower
+            # turns them on by remote control within 5 s; what is sent after that is listed.
+            wait_until("Flower to turn the worker's task events on",
+                       lambda: EVENTS_ENABLED in scenario.worker.logfile.read_text(), secured)
             scenario.client = scenario.driver()
             run = uuid.uuid4().hex[:6]
             orders = [scenario.client.delay(PLACE_ORDER, idempotency_key=f"flower-{run}-{n}",

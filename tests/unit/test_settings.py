@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from project.errors import ConfigurationError
-from project.settings import load
+from project.settings import env_switch, load
 
 
 def test_no_environment_means_everything_embedded_under_dot_bus(tmp_path, monkeypatch):
@@ -78,3 +78,42 @@ def test_settings_are_read_from_the_environment_by_default(tmp_path, monkeypatch
     monkeypatch.setenv("CELERY_BROKER_URL", "redis://h:6379/9")
     assert load().broker_url == "redis://h:6379/9"
     assert load().home == Path(tmp_path)
+
+
+def test_switches_are_on_or_off_and_default_when_unset():
+    assert env_switch("BUS_TASK_EVENTS", False, {}) is False
+    assert env_switch("BUS_TASK_EVENTS", False, {"BUS_TASK_EVENTS": " "}) is False
+    assert env_switch("BUS_TASK_EVENTS", False, {"BUS_TASK_EVENTS": "ON"}) is True
+    assert env_switch("BUS_TRACK_STARTED", True, {"BUS_TRACK_STARTED": "off"}) is False
+
+
+@pytest.mark.parametrize("value", ["yes", "1", "true", "of"])
+def test_a_switch_with_another_value_is_refused_naming_it_and_the_accepted_values(value):
+    with pytest.raises(ConfigurationError) as error:
+        env_switch("BUS_TASK_EVENTS", False, {"BUS_TASK_EVENTS": value})
+    assert str(error.value) == f"BUS_TASK_EVENTS={value!r} is not valid; use on or off (default off)"
+
+
+def celeryconfig(monkeypatch, tmp_path, **env: str) -> dict:
+    """The settings celeryconfig.py gives under `env` (read afresh)."""
+    import runpy
+    monkeypatch.setenv("BUS_HOME", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return runpy.run_path(str(Path(__file__).resolve().parents[2] / "celeryconfig.py"))
+
+
+def test_task_events_and_the_started_state_are_off_by_default_and_switch_on(monkeypatch, tmp_path):
+    # Given no setting, Then no per-message events (Flower turns them on at the workers) and no STARTED
+    conf = celeryconfig(monkeypatch, tmp_path)
+    assert (conf["worker_send_task_events"], conf["task_send_sent_event"], conf["task_track_started"]) == (
+        False, False, False)
+    # Given both switched on, Then Celery sends events from the start and stores STARTED
+    conf = celeryconfig(monkeypatch, tmp_path, BUS_TASK_EVENTS="on", BUS_TRACK_STARTED="on")
+    assert (conf["worker_send_task_events"], conf["task_send_sent_event"], conf["task_track_started"]) == (
+        True, True, True)
+
+
+def test_a_bad_switch_stops_the_configuration(monkeypatch, tmp_path):
+    with pytest.raises(ConfigurationError, match=r"BUS_TRACK_STARTED='yes' is not valid; use on or off"):
+        celeryconfig(monkeypatch, tmp_path, BUS_TRACK_STARTED="yes")

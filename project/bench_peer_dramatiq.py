@@ -3,8 +3,9 @@
 One actor, `bench_peer_noop` on the queue `bench_peer.noop`, that does nothing and
 counts itself (project/bench_peer_probe.py). The broker is dramatiq's own for
 BUS_BENCH_PEER_URL (`redis://...`, `unix://...` or `amqp://...`), with its default
-middleware and its defaults for delivery: the message is acked after the actor
-returns, persistent on RabbitMQ, sent without publisher confirms (as Celery sends).
+middleware and its defaults for delivery (the message is acked after the actor
+returns, persistent on RabbitMQ), except publisher confirms: on when
+BUS_BENCH_PEER_CONFIRM=1, as the bench sets it where the bus and bare Celery publish with them.
 dramatiq has no fan-out (a message goes to one actor), so there is no fan actor.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import dramatiq
 
 from project import bench_peer_probe
 
-URL_ENV = "BUS_BENCH_PEER_URL"
 NOOP_QUEUE = "bench_peer.noop"
 
 
@@ -29,12 +29,13 @@ class Ready(dramatiq.Middleware):
 def _broker(url: str) -> dramatiq.Broker:
     if url.startswith("amqp"):
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
-        return RabbitmqBroker(url=url)
+        return RabbitmqBroker(url=url, confirm_delivery=os.environ.get(bench_peer_probe.CONFIRM_ENV) == "1")
     from dramatiq.brokers.redis import RedisBroker
     return RedisBroker(url=url)
 
 
-broker = _broker(os.environ.get(URL_ENV, "redis://127.0.0.1:6379/0"))  # builds clients; connects on first use
+# builds the clients; connects on first use
+broker = _broker(os.environ.get(bench_peer_probe.URL_ENV, "redis://127.0.0.1:6379/0"))
 broker.add_middleware(Ready())
 dramatiq.set_broker(broker)
 

@@ -10,8 +10,9 @@ A no-op subscriber on `bench_peer.noop`, and BUS_BENCH_SUBSCRIBERS no-op subscri
   stream has one group, the fan-out stream K groups, one per subscriber (durable fan-out).
 Everything else is FastStream's default for a subscriber (ack after the handler; on
 RabbitMQ no prefetch limit; on Redis each read takes what is there), except what makes
-delivery comparable with Celery's: persistent messages, sent without publisher
-confirms; and a blocking read of 100 ms on Redis streams (FastStream's default polls
+delivery comparable with Celery's: persistent messages, publisher confirms only when
+BUS_BENCH_PEER_CONFIRM=1 (as the bench sets it where the bus and bare Celery publish
+with them); and a blocking read of 100 ms on Redis streams (FastStream's default polls
 without blocking, a busy loop that would take CPU from the other processes).
 """
 from __future__ import annotations
@@ -23,7 +24,6 @@ from faststream import FastStream
 
 from project import bench_peer_probe
 
-URL_ENV = "BUS_BENCH_PEER_URL"
 NOOP = "bench_peer.noop"
 FANOUT = "bench_peer.fanout"
 FAN_QUEUE = "bench_peer.fan_{:03d}"
@@ -34,19 +34,20 @@ def _subscribers() -> int:
     return int(os.environ.get("BUS_BENCH_SUBSCRIBERS", "0"))
 
 
-def _noop(body: Any) -> None:
+async def _noop(body: Any) -> None:  # async: FastStream runs a plain function in a thread pool
     """Does nothing; counted."""
     bench_peer_probe.completed(0)
 
 
-def _fan(body: Any) -> None:
+async def _fan(body: Any) -> None:
     """One copy of a fanned-out message: does nothing; counted."""
     bench_peer_probe.completed(1)
 
 
 def _rabbit(url: str) -> tuple[Any, tuple[Any, Any, Any]]:
     from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
-    broker = RabbitBroker(url, default_channel=Channel(publisher_confirms=False))
+    confirms = os.environ.get(bench_peer_probe.CONFIRM_ENV) == "1"
+    broker = RabbitBroker(url, default_channel=Channel(publisher_confirms=confirms))
     fanout = RabbitExchange(FANOUT, type=ExchangeType.FANOUT, durable=True)
     noop_queue = RabbitQueue(NOOP, durable=True)
     broker.subscriber(noop_queue)(_noop)
@@ -115,7 +116,7 @@ class Side:
         self._run(self._declare)
 
 
-_url = os.environ.get(URL_ENV, "redis://127.0.0.1:6379/0")
+_url = os.environ.get(bench_peer_probe.URL_ENV, "redis://127.0.0.1:6379/0")
 broker, _senders = _rabbit(_url) if _url.startswith("amqp") else _redis(_url)  # no connection until started
 app = FastStream(broker, after_startup=[bench_peer_probe.ready])
 

@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+#: the environment `bus bench --peers` gives a peer's worker and sender: counter directory, broker, confirms
 COUNTS_ENV = "BUS_BENCH_PEER_COUNTS"
+URL_ENV = "BUS_BENCH_PEER_URL"
+CONFIRM_ENV = "BUS_BENCH_PEER_CONFIRM"  # "1": send with publisher confirms
 SLOTS = 2
 _FIELDS = 3  # per slot: successes, last success (epoch seconds), failures
 _SIZE = 8 * SLOTS * _FIELDS

@@ -16,11 +16,12 @@ run's own server, flushed after use), and is measured exactly as bare Celery is:
 
 Concurrency is matched with the Celery workers' (`--pool prefork --concurrency C`: C
 processes, each handling one message at a time): dramatiq `--processes C --threads 1`,
-FastStream `--workers C` (one handler call at a time per subscriber and process);
+FastStream `--workers C` (C processes, an asyncio event loop each, async no-op handlers);
 `--pool solo` is C=1. Prefetch is each library's default for that concurrency and is
 recorded in the report, as are the delivery settings: every side acks after the
-handler, sends persistent messages without publisher confirms. The bench's --loglevel
-goes to every worker: at `info` Celery and FastStream log each message, dramatiq does not.
+handler and sends persistent messages, with publisher confirms where the bus and bare
+Celery use them (RabbitMQ: celeryconfig's confirm_publish). The bench's --loglevel goes
+to every worker: at `info` Celery and FastStream log each message, dramatiq does not.
 """
 from __future__ import annotations
 
@@ -73,6 +74,11 @@ def check(options: "core.Options", installed: Callable[[str], bool] | None = Non
 def processes(options: "core.Options") -> int:
     """How many worker processes match the Celery workers' pool and concurrency."""
     return 1 if options.pool == "solo" else options.concurrency
+
+
+def publisher_confirms(options: "core.Options") -> bool:
+    """Whether the peers send with publisher confirms: where celeryconfig gives them to the bus and bare Celery."""
+    return options.broker == "amqp"
 
 
 # ---- one peer worker ---------------------------------------------------------------------
@@ -128,7 +134,8 @@ class PeerRun:
             tag = f"{self.peer}-{uuid.uuid4().hex[:6]}"
             counts = inst.home / "peers" / tag
             counts.mkdir(parents=True)
-            env = {**os.environ, "BUS_BENCH_PEER_URL": url, bench_peer_probe.COUNTS_ENV: str(counts),
+            env = {**os.environ, bench_peer_probe.URL_ENV: url, bench_peer_probe.COUNTS_ENV: str(counts),
+                   bench_peer_probe.CONFIRM_ENV: "1" if publisher_confirms(o) else "0",
                    "BUS_BENCH_SUBSCRIBERS": str(self.subscribers)}
             logfile = inst.home / "logs" / f"peer-{tag}.log"
             logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -214,21 +221,21 @@ def measure(bench: "core.Bench") -> dict[str, Any]:
 # ---- report -------------------------------------------------------------------------------
 def settings(peer: str, options: "core.Options") -> dict[str, Any]:
     """What each peer ran with (recorded in the report)."""
-    count = processes(options)
+    count, amqp = processes(options), options.broker == "amqp"
     if peer == "dramatiq":
         from dramatiq.worker import QUEUE_PREFETCH
         return {"command": f"dramatiq --processes {count} --threads 1", "processes": count, "threads": 1,
-                "prefetch_per_process": QUEUE_PREFETCH or 2, "ack": "after the actor", "fanout": None}
-    return {"command": f"faststream run --workers {count}", "processes": count, "handlers_in_flight": 1,
-            "prefetch_per_process": "unlimited" if options.broker == "amqp" else "a stream read takes what is there",
-            "ack": "after the handler",
-            "structure": "queue + fanout exchange" if options.broker == "amqp" else "stream + consumer groups",
-            "fanout": "fanout exchange, K durable queues" if options.broker == "amqp"
-            else "one stream, K consumer groups"}
+                "prefetch_per_process": QUEUE_PREFETCH or 2, "ack": "after the actor",
+                "publisher_confirms": publisher_confirms(options)}
+    return {"command": f"faststream run --workers {count}", "processes": count, "event_loop": "one per process",
+            "prefetch_per_process": "unlimited" if amqp else "a stream read takes what is there",
+            "ack": "after the handler", "publisher_confirms": publisher_confirms(options),
+            "structure": "durable queues; fan-out: a fanout exchange bound to K queues" if amqp
+            else "streams with consumer groups; fan-out: one stream, K groups"}
 
 
 def summarize(options: "core.Options", raw: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
-    """Per peer: medians, ratios bus/peer and bare/peer, versions and settings."""
+    """Per peer: medians; `bus_ratio` bus ÷ peer and `bare_ratio` bare Celery ÷ peer; versions and settings."""
     found = {}
     for peer, runs in raw.items():
         per_s = core._median(runs["commands"], "per_s")
@@ -273,7 +280,9 @@ def render(report: dict[str, Any], console: Console) -> None:
                                                                     for f in fans),
                       *(core._fmt(b / f, 2) if _number(b) and _number(f) else "-"
                         for b, f in zip(bus, [commands, *fans])), load)
-    load = f"{run['load_before'].split()[0]} -> {run['load_after'].split()[0]}"
+    # the Celery sides ran first: from the run's start until the first peer started
+    first_peer = next(iter(s["peers"].values()), {})
+    load = f"{run['load_before'].split()[0]} -> {first_peer.get('load_before', run['load_after']).split()[0]}"
     c = s["commands"]
     row("bare Celery", c["bare"], c["bare_send"], [s["fanout"][k]["bare"] for k in ks], load)
     row("bus", c["bus"], c["bus_send"], [s["fanout"][k]["bus"] for k in ks], load)
@@ -283,8 +292,8 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"{entry['load_before'].split()[0]} -> {entry['load_after'].split()[0]}")
     console.print(table)
     for peer, entry in s["peers"].items():
-        console.print(f"  {TITLES[peer]}: " + "; ".join(f"{key.replace('_', ' ')}: {value}"
-                                                        for key, value in entry["settings"].items() if value is not None))
+        settings_text = "; ".join(f"{key.replace('_', ' ')}: {value}" for key, value in entry["settings"].items())
+        console.print(f"  {TITLES[peer]}: {settings_text}")
 
 
 def _number(value: Any) -> bool:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from project.commands import body_of, check_route
 from project.contracts import Command, Event
-from project.db import outbox, utcnow
+from project.db import outbox, single_statements, utcnow
 from project.errors import NotACommand, WrongBoundary
 from project.headers import CAUSATION_HEADER, CORRELATION_HEADER, EVENT_ID
 from project.topology import event_exchange, named_command_queue
@@ -102,7 +102,7 @@ def publish(bus: "Bus", ids: list[str]) -> int:
     """Publish the outbox rows `ids` now (after their commit); the number published."""
     if not ids:
         return 0
-    with bus.engine().connect() as conn:
+    with single_statements(bus.engine()) as conn:
         rows = conn.execute(select(outbox).where(outbox.c.id.in_(ids), outbox.c.published_at.is_(None))
                             .order_by(outbox.c.created_at)).all()
     return _publish_rows(bus, rows)
@@ -112,7 +112,7 @@ def relay(bus: "Bus", batch: int = 500, grace: timedelta = timedelta(0)) -> int:
     """Publish every unpublished row older than `grace`, `batch` at a time; the number published."""
     total = 0
     while True:
-        with bus.engine().connect() as conn:
+        with single_statements(bus.engine()) as conn:
             rows = conn.execute(select(outbox).where(outbox.c.published_at.is_(None),
                                                      outbox.c.created_at <= utcnow() - grace)
                                 .order_by(outbox.c.created_at).limit(batch)).all()
@@ -154,7 +154,7 @@ def _publish_rows(bus: "Bus", rows: list[Any]) -> int:
                 check_route(row.name, {})
                 app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer,
                               queue=named_command_queue(row.name), headers=headers)
-    with bus.engine().begin() as conn:
+    with single_statements(bus.engine()) as conn:
         conn.execute(update(outbox).where(outbox.c.id.in_([r.id for r in rows])).values(published_at=utcnow()))
     logger.debug("published %d outbox row(s)", len(rows))
     return len(rows)

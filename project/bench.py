@@ -29,14 +29,12 @@ import json
 import math
 import os
 import platform
-import queue
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from contextlib import ExitStack
@@ -50,10 +48,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from project import bench_peers, isolation
+from project.child import ChildError, LineChild
 
 BROKERS = ("embedded", "redis", "amqp")
 PHASES = ("commands", "latency", "fanout", "relay")
 DATABASES = ("sqlite", "postgresql")
+#: where the bus's side keeps Celery results: the bus's default for the broker, or its database
+RESULTS = ("default", "database")
 SUBSCRIBER_QUEUE = "bench_sub.sub_{:03d}"
 #: settings of the bus's celeryconfig that cost per message and that bare Celery leaves off (recorded in reports)
 BUS_SETTINGS = ("worker_send_task_events", "task_send_sent_event", "task_track_started", "task_acks_late")
@@ -85,6 +86,8 @@ class Options:
     postgres_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     workdir: Path | None = None
     peers: bool = False  # also dramatiq and FastStream (project/bench_peers.py)
+    results: str = "default"  # "database": CELERY_RESULT_BACKEND=db+<the run's database>, on any broker
+    bare_results: bool = False  # the baseline stores results too (project/bench_bare.py)
 
 
 # ---- the installation ---------------------------------------------------------------
@@ -135,6 +138,10 @@ class Installation:
             self.versions["database"] = "PostgreSQL " + _postgres_version(url)
         else:
             raise BenchError(f"--db {o.db!r}: use one of {', '.join(DATABASES)}")
+        if o.bare_results:
+            self.env["BUS_BENCH_BARE_RESULTS"] = "on"
+        if o.results == "database":
+            self.env["CELERY_RESULT_BACKEND"] = "db+" + self.env["BUS_DATABASE_URL"]
         self.settings = load(self.env)
         upgrade(self.settings.database_url)
         self.control = Celery("bus-bench-control", broker=self.settings.broker_url)
@@ -223,44 +230,21 @@ class Worker:
         self.process.stop(grace=10)
 
 
-class Sender:
-    """The bench's end of project/bench_sender.py: one request at a time, replies read by a thread."""
+class Sender(LineChild):
+    """The bench's end of project/bench_sender.py: one request at a time."""
 
-    def __init__(self, process: subprocess.Popen, logfile: Path) -> None:
-        self.process = process
-        self.logfile = logfile
-        self._replies: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+    name = "sender"
 
     @classmethod
     def start(cls, side: str, env: dict[str, str], cwd: Path, logfile: Path,
               module: str = "project.bench_sender") -> "Sender":
-        logfile.parent.mkdir(parents=True, exist_ok=True)
-        with open(logfile, "wb") as err:
-            process = subprocess.Popen([sys.executable, "-m", module, side], env=env, cwd=cwd,
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                       bufsize=1, start_new_session=True)
-        return cls(process, logfile)
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self._replies.put(json.loads(line))
-        self._replies.put(None)
-
-    def request(self, op: str, **arguments: Any) -> None:
-        self.process.stdin.write(json.dumps({"op": op, **arguments}) + "\n")
-        self.process.stdin.flush()
-
-    def done(self) -> bool:
-        return not self._replies.empty()
+        return cls([sys.executable, "-m", module, side], env=env, cwd=cwd, logfile=logfile)
 
     def result(self, timeout: float = 600) -> Any:
         try:
-            reply = self._replies.get(timeout=timeout)
-        except queue.Empty:
-            raise BenchError(f"the sender gave no reply within {timeout}s; log {self.logfile}") from None
-        if reply is None:
-            raise BenchError(f"the sender exited with {self.process.wait()}; log:\n{_tail(self.logfile)}")
+            reply = self.reply(timeout)
+        except ChildError as error:
+            raise BenchError(str(error)) from None
         if "error" in reply:
             raise BenchError(f"the sender failed: {reply['error']}\n{reply.get('traceback', '')}")
         return reply["value"]
@@ -268,15 +252,6 @@ class Sender:
     def call(self, op: str, timeout: float = 600, **arguments: Any) -> Any:
         self.request(op, **arguments)
         return self.result(timeout)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait(5)
 
 
 # ---- phases -------------------------------------------------------------------------
@@ -541,7 +516,7 @@ def run(options: Options, console: Console) -> dict[str, Any]:
                 "pool": options.pool, "concurrency": options.concurrency, "loglevel": options.loglevel,
                 "prefetch_multiplier": celeryconfig.worker_prefetch_multiplier,
                 "bus_settings": {name: getattr(celeryconfig, name, None) for name in BUS_SETTINGS},
-                "result_backend": inst.settings.result_backend.split(":", 1)[0],
+                "result_backend": inst.settings.result_backend.split(":", 1)[0], "bare_results": options.bare_results,
                 "load_before": load_before, "load_after": _load(), "cpus": os.cpu_count(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                 "duration_s": round(time.time() - started, 1), "created_and_removed": inst.created,
@@ -586,13 +561,6 @@ def _redis_version(url: str) -> str:
         return str(client.info("server").get("redis_version", "?"))
     finally:
         client.close()
-
-
-def _tail(path: Path) -> str:
-    try:
-        return path.read_text()[-3000:]
-    except FileNotFoundError:
-        return ""
 
 
 def _subscribers(value: str) -> list[int]:
@@ -646,7 +614,11 @@ def bench(
     phases: str = typer.Option(",".join(PHASES), "--phases", help="Which measurements, a comma list of "
                                + ", ".join(PHASES) + "."),
     peers: bool = typer.Option(False, "--peers", help="Also run the same no-op work and fan-out on dramatiq and "
-                               "FastStream, on the same broker (needs the [bench] extra)."),
+                               "FastStream, on the same broker (needs the bench extra: pip install 'celery-bus\\[bench]')."),
+    results: str = typer.Option("default", "--results", help="Where the bus keeps Celery results: default (Redis "
+                                "on Redis, the bus database on RabbitMQ) or database (the bus database on any broker)."),
+    bare_results: bool = typer.Option(False, "--bare-results", help="Bare Celery stores results too (Celery's own "
+                                      "backend at the bus's result backend URL), as most Celery deployments do."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress goes to stderr)."),
     output: Path | None = typer.Option(None, "--output", help="Also write the JSON report to this file."),
     redis_url: str = typer.Option("redis://127.0.0.1:6379", envvar="BUS_BENCH_REDIS_URL",
@@ -662,10 +634,12 @@ def bench(
         raise typer.BadParameter(f"use one of {', '.join(BROKERS)}", param_hint="--broker")
     if db not in DATABASES:
         raise typer.BadParameter(f"use one of {', '.join(DATABASES)}", param_hint="--db")
+    if results not in RESULTS:
+        raise typer.BadParameter(f"use one of {', '.join(RESULTS)}", param_hint="--results")
     options = Options(broker=broker, db=db, n=n, subscribers=_subscribers(subscribers), repeat=repeat,
                       latency_n=latency_n, rate=rate, concurrency=concurrency, pool=pool, loglevel=loglevel, stall=stall,
                       redis_url=redis_url, amqp_url=amqp_url, postgres_url=postgres_url, phases=_phases(phases),
-                      peers=peers)
+                      peers=peers, results=results, bare_results=bare_results)
     if peers:
         bench_peers.check(options)
     err = Console(stderr=True)

@@ -7,7 +7,9 @@ shares with the bus only what makes the comparison fair:
   lost worker, the prefetch multiplier, the Redis transport options), and the pool and
   concurrency, which `bus bench` passes to both workers.
 Everything else is Celery's default: no result backend (results ignored), no task
-events, no STARTED state. What the bus adds on top (validation, idempotency claim,
+events, no STARTED state. With BUS_BENCH_BARE_RESULTS=on (`bus bench --bare-results`)
+the baseline stores results too, with Celery's own backend at the bus's result backend
+URL: Celery as most teams run it, results kept for `.get()`. What the bus adds on top (validation, idempotency claim,
 result storage, events for Flower, the outbox, the inbox) is what the bench measures.
 
 Tasks: `bench_bare.noop` (its own queue `bench_bare.noop`) and `bench_bare.fan`,
@@ -50,12 +52,15 @@ def publish_fan(seq: int) -> None:
                     declare=[FANOUT])
 
 
+#: `bus bench --bare-results`: the baseline stores results as well (Celery's own backend class)
+STORE_RESULTS = os.environ.get("BUS_BENCH_BARE_RESULTS", "") == "on"
+
 app = Celery("bench_bare")
 app.conf.update({name: getattr(celeryconfig, name) for name in SHARED_SETTINGS if hasattr(celeryconfig, name)})
 app.conf.update(
     broker_url=load().broker_url,
-    result_backend=None,
-    task_ignore_result=True,
+    result_backend=load().result_backend if STORE_RESULTS else None,
+    task_ignore_result=not STORE_RESULTS,
     task_queues=[Queue(NOOP_QUEUE, Exchange(NOOP_QUEUE, type="direct", durable=True), routing_key=NOOP_QUEUE,
                        durable=True), *fan_queues(int(os.environ.get("BUS_BENCH_SUBSCRIBERS", "0")))],
     task_routes={"bench_bare.noop": {"queue": NOOP_QUEUE}},

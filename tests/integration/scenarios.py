@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +32,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from project import embedded, isolation
+from project.child import LineChild
 from project.db import engine_for
 from project.migrate import upgrade
 from project.processes import WorkerProcess, start_worker
@@ -188,39 +187,26 @@ class Scenario:
             raise RuntimeError("scenario teardown: " + "; ".join(errors))
 
 
-class Driver:
-    """The test's end of clients/driver.py: each method is one request, with a timeout."""
+class Driver(LineChild):
+    """The test's end of a client in clients/ (driver.py by default): each method is one request, with a timeout."""
 
-    def __init__(self, process: subprocess.Popen, logfile: Path) -> None:
-        self.process = process
-        self.logfile = logfile
-        self._replies: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.tasks = self._reply(timeout=60)
+    name = "driver"
+
+    def __init__(self, env: dict[str, str], logdir: Path, script: str = "driver.py") -> None:
+        super().__init__([sys.executable, str(CLIENTS / script)], env={**os.environ, **env}, cwd=REPO,
+                         logfile=logdir / f"{Path(script).stem}-{uuid.uuid4().hex[:6]}.log")
+        try:
+            self.tasks = self._value(timeout=60)
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def start(cls, env: dict[str, str], logdir: Path) -> "Driver":
-        logdir.mkdir(parents=True, exist_ok=True)
-        logfile = logdir / f"driver-{uuid.uuid4().hex[:6]}.log"
-        with open(logfile, "wb") as err:
-            process = subprocess.Popen([sys.executable, str(CLIENTS / "driver.py")],
-                                       env={**os.environ, **env}, cwd=REPO, stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
-                                       start_new_session=True)
-        return cls(process, logfile)
+        return cls(env, logdir)
 
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self._replies.put(json.loads(line))
-        self._replies.put(None)
-
-    def _reply(self, timeout: float) -> Any:
-        try:
-            reply = self._replies.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"driver gave no reply within {timeout}s; log:\n{self.log()}") from None
-        if reply is None:
-            raise RuntimeError(f"driver exited with {self.process.wait()}; log:\n{self.log()}")
+    def _value(self, timeout: float) -> Any:
+        reply = self.reply(timeout)
         if "error" in reply:
             error = reply["error"]
             raise RemoteError(error["type"], error["message"], error.get("traceback", ""))
@@ -228,15 +214,8 @@ class Driver:
 
     def call(self, op: str, *, wait: float = 60.0, **arguments: Any) -> Any:
         """Run `op` in the driver; its value, or RemoteError with the exception it raised."""
-        self.process.stdin.write(json.dumps({"op": op, **arguments}) + "\n")
-        self.process.stdin.flush()
-        return self._reply(wait)
-
-    def log(self) -> str:
-        try:
-            return self.logfile.read_text()[-4000:]
-        except FileNotFoundError:
-            return ""
+        self.request(op, **arguments)
+        return self._value(wait)
 
     # the operations of clients/driver.py
     def delay(self, task: str, idempotency_key: str | None = None, **fields: Any) -> str:
@@ -253,15 +232,6 @@ class Driver:
 
     def get(self, task_id: str, timeout: float = 30.0) -> Any:
         return self.call("get", wait=timeout + 15, task_id=task_id, timeout=timeout)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait(5)
 
 
 def open_scenario(broker: str, database: str, home: Path) -> Scenario:

@@ -23,11 +23,9 @@ more for anything that should not come (a duplicate, a sibling re-run), then com
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -43,10 +41,9 @@ from adapters.orm import audit_log, port_calls
 from project.db import dead_letters, inbox, outbox
 from project.dispatch import copy_task_id
 from project.processes import WorkerProcess
-from tests.conftest import REPO
 from tests.integration.conftest import opened
 from tests.integration.helpers import ITEMS_TOTAL, PLACE_ORDER, REGISTER_USER, order
-from tests.integration.scenarios import CLIENTS, Driver, Scenario
+from tests.integration.scenarios import Driver, Scenario
 
 pytestmark = pytest.mark.integration
 
@@ -116,19 +113,7 @@ def events_drivers() -> Iterator[Callable[[Scenario], Driver]]:
 
 
 def start_events_driver(scenario: Scenario) -> Driver:
-    scenario.logdir.mkdir(parents=True, exist_ok=True)
-    logfile = scenario.logdir / f"events-driver-{time.monotonic_ns()}.log"
-    with open(logfile, "wb") as err:
-        process = subprocess.Popen([sys.executable, str(CLIENTS / "events_driver.py")],
-                                   env={**os.environ, **scenario.env}, cwd=REPO,
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                   bufsize=1, start_new_session=True)
-    try:
-        return Driver(process, logfile)
-    except BaseException:
-        process.kill()
-        process.wait(5)
-        raise
+    return Driver(scenario.env, scenario.logdir, script="events_driver.py")
 
 
 # ---- what the scenario's database and broker hold ----------------------------------------------

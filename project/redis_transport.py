@@ -128,7 +128,6 @@ class Channel(kombu_redis.Channel):
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         if not self._is_durable_fanout(exchange):
             return super()._put_fanout(exchange, message, routing_key, **kwargs)
-        publish_batch = kwargs.pop('_publish_batch', None)
         # The copies are made in Redis, from this template: the script puts each copy's
         # tag and queue in place of the two placeholder strings (JSON-encoded, unique).
         tag_token, queue_token = uuid4().hex, uuid4().hex
@@ -140,10 +139,6 @@ class Channel(kombu_redis.Channel):
         args = [template, f'"{tag_token}"', f'"{queue_token}"', self._next_delivery_tag(),
                 self.global_keyprefix, self._q_for_pri('', priority), self.sep]
         key = self.keyprefix_queue % (exchange,)
-        if publish_batch is not None:
-            # kombu's client prefixes the key of EVALSHA, not of EVAL: prefix it here.
-            publish_batch.add('eval', PUSH_COPIES, 1, self.global_keyprefix + key, *args)
-            return
         with self.conn_or_acquire() as client:
             if not self._push_copies(keys=[key], args=args, client=client):
                 # As on AMQP for an exchange without bindings: nobody subscribed.

@@ -6,7 +6,7 @@ module; `project/settings.py` documents the environment variables.
 import os
 
 from project import quorum, results
-from project.settings import env_duration, env_int, env_switch, load
+from project.settings import env_duration, env_int, env_switch, load, worker_concurrency as concurrency_for
 
 _settings = load()
 
@@ -33,6 +33,9 @@ task_acks_on_failure = True
 # One message reserved per process: a slow handler does not hold others hostage, and a
 # killed worker has at most one in-flight message per process to redeliver.
 worker_prefetch_multiplier = env_int("BUS_PREFETCH", 1, minimum=1)
+# 2 pool processes per CPU on PostgreSQL (they wait on the database), 1 per CPU on SQLite
+# (one writer): the profile measured best by `bus bench` (BUS_CONCURRENCY, or -c, overrides).
+worker_concurrency = concurrency_for(_settings.database_url)
 # Redis redelivers an unacked message only after this many seconds (RabbitMQ at once on
 # connection loss). It must exceed the longest handler run plus the longest retry
 # countdown (a countdown is waited out by the worker holding the message unacked:

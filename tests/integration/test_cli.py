@@ -118,7 +118,7 @@ def test_bad_configuration_stops_cli_and_worker_with_the_accepted_forms(tmp_path
         assert message in " ".join((done.stdout + done.stderr).split())
 
 
-@pytest.mark.parametrize("variable", ["BUS_PREFETCH", "BUS_VISIBILITY_TIMEOUT", "BUS_KEY_RETENTION",
+@pytest.mark.parametrize("variable", ["BUS_PREFETCH", "BUS_CONCURRENCY", "BUS_VISIBILITY_TIMEOUT", "BUS_KEY_RETENTION",
                                       "BUS_MAX_MESSAGE_BYTES"])
 def test_bad_setting_stops_the_cli_naming_the_variable(tmp_path, variable):
     # Given a setting whose value has the wrong form

@@ -1,12 +1,13 @@
 """Settings from the environment: embedded by default, production parts by URL, bad URLs refused."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from project.errors import ConfigurationError
-from project.settings import env_switch, load
+from project.settings import env_switch, load, worker_concurrency
 
 
 def test_no_environment_means_everything_embedded_under_dot_bus(tmp_path, monkeypatch):
@@ -117,3 +118,25 @@ def test_task_events_and_the_started_state_are_off_by_default_and_switch_on(monk
 def test_a_bad_switch_stops_the_configuration(monkeypatch, tmp_path):
     with pytest.raises(ConfigurationError, match=r"BUS_TRACK_STARTED='yes' is not valid; use on or off"):
         celeryconfig(monkeypatch, tmp_path, BUS_TRACK_STARTED="yes")
+
+
+def test_worker_concurrency_is_two_per_cpu_on_postgresql_and_one_per_cpu_on_sqlite():
+    # Given no BUS_CONCURRENCY, Then the measured profile: the database decides
+    assert worker_concurrency("postgresql+psycopg://db/bus", cpus=2, env={}) == 4
+    assert worker_concurrency("sqlite:///bus.db", cpus=2, env={}) == 2
+    # Given BUS_CONCURRENCY, Then it wins on either database
+    assert worker_concurrency("postgresql+psycopg://db/bus", cpus=2, env={"BUS_CONCURRENCY": "3"}) == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "four"])
+def test_a_bad_concurrency_is_refused_naming_the_accepted_form(value):
+    with pytest.raises(ConfigurationError) as error:
+        worker_concurrency("sqlite:///bus.db", cpus=2, env={"BUS_CONCURRENCY": value})
+    assert str(error.value) == f"BUS_CONCURRENCY={value!r} is not valid; use a whole number >= 1 (default 2)"
+
+
+def test_celeryconfig_gives_workers_the_concurrency_of_its_database(monkeypatch, tmp_path):
+    conf = celeryconfig(monkeypatch, tmp_path, BUS_DATABASE_URL="postgresql://127.0.0.1/bus")
+    assert conf["worker_concurrency"] == 2 * (os.cpu_count() or 1)
+    conf = celeryconfig(monkeypatch, tmp_path, BUS_CONCURRENCY="5")
+    assert conf["worker_concurrency"] == 5

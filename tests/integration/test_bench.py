@@ -137,3 +137,28 @@ def test_peers_refuse_a_run_they_cannot_measure_with_the_fix(args, says, tmp_pat
     assert done.returncode == 2, done.stderr
     assert f"Invalid value for --peers: {says}" in one_line(done.stderr)
     assert not list(tmp_path.glob("bb-*"))
+
+
+def test_bare_celery_with_results_and_bus_results_in_the_database_are_measured(tmp_path):
+    # Given Redis, whose default keeps results in Redis
+    require("redis")
+    # When the bench runs with the baseline storing results and the bus storing them in its database
+    report = bench(tmp_path, "--broker", "redis", "--db", "sqlite", "--n", "40", "--phases", "commands",
+                   "--bare-results", "--results", "database", "--stall", "5")
+    # Then the report says so, and both sides drained every command
+    assert report["run"]["bare_results"] is True
+    assert report["run"]["result_backend"].startswith("db+sqlite"), report["run"]["result_backend"]
+    commands = report["summary"]["commands"]
+    assert positive(commands["bare"]) and positive(commands["bus"]), commands
+
+
+def test_an_unknown_results_choice_is_refused_with_the_choices(tmp_path):
+    # Given --results with a value the bench does not know
+    # When it starts
+    done = subprocess.run([BUS, "bench", "--results", "memory"], env={**os.environ, "COLUMNS": "300",
+                                                                      "TMPDIR": str(tmp_path)},
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    # Then it exits 2 naming the choices, before touching any broker
+    assert done.returncode == 2, done.stderr
+    assert "Invalid value for --results: use one of default, database" in one_line(done.stderr)
+    assert not list(tmp_path.glob("bb-*"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -73,7 +74,7 @@ def main() -> None:
     reports = [json.loads(p.read_text()) for p in args.reports]
     if args.markdown:
         print(markdown(reports))
-    fig, (commands, fanout, latency) = plt.subplots(1, 3, figsize=(17, 5.2))
+    fig, (commands, fanout, latency) = plt.subplots(1, 3, figsize=(19, 5.6))
     width = 0.38
     names = [label(r) for r in reports]
     positions = range(len(reports))
@@ -104,7 +105,7 @@ def main() -> None:
     fanout.set_xlabel("subscribers K")
     fanout.set_ylabel("deliveries / s")
     fanout.set_title("event fan-out (bare: RabbitMQ fanout exchange)")
-    fanout.legend(fontsize=7)
+    fanout.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
     percentiles = ("p50", "p90", "p99")
     step = len(percentiles) * 2 + 1
@@ -118,7 +119,6 @@ def main() -> None:
             ticks.append(x + 0.45)
             tick_labels.append(f"{label(report)} {p}" if j == 0 else p)
     latency.set_xticks(ticks, tick_labels, rotation=60, fontsize=7, ha="right")
-    latency.set_yscale("log")
     latency.set_ylabel("ms, .delay() to handler start")
     rate = reports[0]["summary"]["latency"]["rate"]
     latency.set_title(f"latency at {rate:g} msg/s (p50, p90, p99)")
@@ -128,7 +128,7 @@ def main() -> None:
     fig.tight_layout()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.output, dpi=110)
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,13 @@ and end the worker; the item would be gone. It is delivered instead as a message
 content type :data:`NOT_A_MESSAGE` and the item's bytes as body, which the worker's
 consumer refuses and dead-letters like any undecodable message.
 
+A publisher of many events (the outbox relay) can hold the scripts back and send them
+in one pipelined round trip (plus redis-py's SCRIPT EXISTS check): inside
+``with channel.fanout_batch():`` a durable fan-out
+publish only queues its script, and leaving the block sends them all, in order (an
+error raises there, before the caller marks anything published). ``flush_fanout()``
+sends what is queued so far, e.g. before a plain publish that must come after them.
+
 Every consumed message (any exchange) also gets ``delivery_info['consumer_tag']``,
 as AMQP's basic.deliver has: it lets the worker tell which queue a message came from.
 Every other exchange keeps kombu's behaviour, e.g. Celery's ``*.pidbox`` broadcast
@@ -48,7 +55,8 @@ from __future__ import annotations
 
 import base64
 import logging
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 from uuid import uuid4
 
 from kombu import transport as kombu_transport
@@ -139,10 +147,39 @@ class Channel(kombu_redis.Channel):
         args = [template, f'"{tag_token}"', f'"{queue_token}"', self._next_delivery_tag(),
                 self.global_keyprefix, self._q_for_pri('', priority), self.sep]
         key = self.keyprefix_queue % (exchange,)
+        if self._fanout_batch is not None:
+            self._fanout_batch.append((exchange, key, args))
+            return
         with self.conn_or_acquire() as client:
-            if not self._push_copies(keys=[key], args=args, client=client):
-                # As on AMQP for an exchange without bindings: nobody subscribed.
-                logger.warning('no queue bound to %s: message dropped', exchange)
+            _warn_if_unbound(exchange, self._push_copies(keys=[key], args=args, client=client))
+
+    _fanout_batch: list[tuple[str, str, list[Any]]] | None = None
+
+    @contextmanager
+    def fanout_batch(self) -> Iterator[None]:
+        """Queue the durable fan-out publishes made inside; send them in one round trip when it ends."""
+        self._fanout_batch = []
+        try:
+            yield
+            self.flush_fanout()
+        finally:
+            self._fanout_batch = None
+
+    def flush_fanout(self) -> None:
+        """Send the queued fan-out scripts now, pipelined, in the order they were published."""
+        batch, self._fanout_batch = self._fanout_batch, ([] if self._fanout_batch is not None else None)
+        if not batch:
+            return
+        with self.conn_or_acquire() as client:
+            if len(batch) == 1:  # a pipeline with a script costs a SCRIPT EXISTS round trip first
+                exchange, key, args = batch[0]
+                _warn_if_unbound(exchange, self._push_copies(keys=[key], args=args, client=client))
+                return
+            pipe = client.pipeline(transaction=False)
+            for _, key, args in batch:
+                self._push_copies(keys=[key], args=args, client=pipe)
+            for (exchange, _, _), copies in zip(batch, pipe.execute()):
+                _warn_if_unbound(exchange, copies)
 
     @cached_property
     def _push_copies(self):
@@ -190,6 +227,11 @@ class Channel(kombu_redis.Channel):
             message.delivery_info.setdefault('consumer_tag', consumer_tag)
             return callback(message)
         return super().basic_consume(queue, no_ack, deliver, consumer_tag, **kwargs)
+
+
+def _warn_if_unbound(exchange: str, copies: int) -> None:
+    if not copies:  # as on AMQP for an exchange without bindings: nobody subscribed
+        logger.warning('no queue bound to %s: message dropped', exchange)
 
 
 def _parse(item: bytes, queue: str) -> dict[str, Any]:

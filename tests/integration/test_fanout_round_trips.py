@@ -69,3 +69,65 @@ def test_given_k_subscriber_queues_when_events_are_published_then_each_is_one_ev
         assert sorted(json.loads(base64.b64decode(item["body"]))["n"] for item in items) == list(range(-1, EVENTS))
         tags |= {item["properties"]["delivery_tag"] for item in items}
     assert len(tags) == (EVENTS + 1) * k
+
+
+def test_given_a_fanout_batch_when_it_ends_then_its_events_arrive_together_in_order(redis_url: str):
+    redis_transport.install()
+    admin = redis.Redis.from_url(redis_url)
+    with Connection(redis_url) as connection:
+        channel = connection.channel()
+        exchange = Exchange("events.batched", type="fanout", durable=True)
+        queues = [Queue(f"batched.sub_{i}", exchange, durable=True) for i in range(3)]
+        for queue in queues:
+            queue(channel).declare()
+        producer = Producer(channel, exchange=exchange, serializer="json")
+        # Given a batch in which events are published
+        with channel.fanout_batch():
+            for n in range(EVENTS):
+                producer.publish({"n": n}, delivery_mode=2)
+            # Then nothing has been sent while the batch is open
+            assert [admin.llen(q.name) for q in queues] == [0, 0, 0]
+        # When it ends, Then every queue holds every event, in the order published (LPUSH: newest first)
+        for queue in queues:
+            bodies = [json.loads(base64.b64decode(json.loads(item)["body"]))["n"]
+                      for item in admin.lrange(queue.name, 0, -1)]
+            assert bodies == list(reversed(range(EVENTS)))
+
+
+def test_given_a_fanout_batch_when_its_block_raises_then_nothing_is_sent(redis_url: str):
+    redis_transport.install()
+    admin = redis.Redis.from_url(redis_url)
+    with Connection(redis_url) as connection:
+        channel = connection.channel()
+        exchange = Exchange("events.batched_failing", type="fanout", durable=True)
+        Queue("batched_failing.sub", exchange, durable=True)(channel).declare()
+        producer = Producer(channel, exchange=exchange, serializer="json")
+        # Given a batch whose block fails after publishing (the outbox then marks nothing published)
+        with pytest.raises(RuntimeError):
+            with channel.fanout_batch():
+                producer.publish({"n": 1}, delivery_mode=2)
+                raise RuntimeError("the relay failed mid-batch")
+        # Then none of its events was sent, and the channel publishes at once again
+        assert admin.llen("batched_failing.sub") == 0
+        producer.publish({"n": 2}, delivery_mode=2)
+        assert admin.llen("batched_failing.sub") == 1
+
+
+def test_given_a_batch_of_one_event_when_it_ends_then_it_is_one_evalsha_and_nothing_else(redis_url: str):
+    # (a worker's publish after commit is usually one event: no pipeline, no SCRIPT EXISTS)
+    redis_transport.install()
+    admin = redis.Redis.from_url(redis_url)
+    with Connection(redis_url) as connection:
+        channel = connection.channel()
+        exchange = Exchange("events.batch_of_one", type="fanout", durable=True)
+        for i in range(4):
+            Queue(f"batch_of_one.sub_{i}", exchange, durable=True)(channel).declare()
+        producer = Producer(channel, exchange=exchange, serializer="json")
+        producer.publish({"n": 0})
+        before = calls(admin)
+        with channel.fanout_batch():
+            producer.publish({"n": 1}, delivery_mode=2)
+        after = calls(admin)
+    delta = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+    delta.pop("info", None)
+    assert delta == {"evalsha": 1, "smembers": 1, "lpush": 4}

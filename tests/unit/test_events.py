@@ -19,7 +19,7 @@ from project.contracts import DomainError
 from project.db import outbox
 from project.dispatch import COPY_ID_NAMESPACE, copy_task_id, own_queue
 from project.errors import DuplicateCommandHandler, NotACommand, WrongBoundary
-from project.outbox import OutboxSink
+from project.outbox import OutboxSink, kwargs_repr
 from project.redis_transport import is_durable_fanout
 from project.registry import Registry
 from project.retry import DEFAULT_SUBSCRIBER_POLICY, Backoff
@@ -246,3 +246,19 @@ def test_a_subscriber_policy_of_its_own_replaces_the_default():
                                              retry=Backoff(max_retries=8, base=0.5, cap=30.0))
     assert task.policy.max_retries == 8
     assert [task.policy.should_retry(TimeoutError(), n) for n in (7, 8)] == [True, False]
+
+
+@pytest.mark.parametrize("payload", [
+    {"order_id": "o-1", "amount": "12.50", "items": [{"sku": "book", "quantity": 2}], "paid": True, "note": None},
+    {"text": "quotes ' and \" and unicode é ✓", "n": -3.5},
+    {},
+])
+def test_an_events_kwargs_repr_is_what_celery_would_show(payload):
+    from celery.utils.saferepr import saferepr
+    # Given a JSON payload, Then the relay's cheap repr is Celery's saferepr of it
+    assert kwargs_repr(payload) == saferepr(payload, 1024)
+
+
+def test_a_long_payloads_kwargs_repr_is_cut_at_the_limit():
+    text = kwargs_repr({"blob": "x" * 5000})
+    assert len(text) == 1024 and text.endswith("...")

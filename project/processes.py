@@ -1,8 +1,8 @@
 """Real `celery worker` subprocesses, started and stopped by their PID.
 
 Used by `bus demo` and by the test suite: a worker is started with its own node name,
-awaited until it answers a ping, and stopped with SIGTERM (SIGKILL after a grace
-period) on its own process group, never by name.
+awaited until it answers a ping, and stopped with SIGTERM to its main process (a warm
+shutdown), SIGKILL to its process group after a grace period, never by name.
 """
 from __future__ import annotations
 
@@ -49,9 +49,17 @@ class WorkerProcess:
             return ""
 
     def stop(self, grace: float = 15.0) -> int | None:
-        """SIGTERM the worker's process group, SIGKILL after `grace` seconds; the exit code."""
+        """SIGTERM the worker's main process (Celery's warm shutdown), SIGKILL its group after `grace` s; the exit code.
+
+        Only the main process gets SIGTERM: it finishes and acks the tasks its pool runs,
+        then stops the pool. A SIGTERM to the whole group would kill a pool process
+        between a handler's commit and the ack, and hand the message back.
+        """
         if self.process.poll() is None:
-            _signal_group(self.pid, signal.SIGTERM)
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
             try:
                 self.process.wait(grace)
             except subprocess.TimeoutExpired:

@@ -11,9 +11,10 @@ embedded default when unset; migrations applied first) it starts, as child proce
   saying why.
 
 What it guarantees: every line a child prints is shown prefixed with the child's name.
-Each child leads a process group of its own and is signalled through that group, by
-PID, never by name. Ctrl-C or SIGTERM stops every child (SIGTERM, SIGKILL after a
-grace period; a second Ctrl-C kills at once), waits for all of them and exits 0. If a
+Each child leads a process group of its own and is signalled by PID, never by name.
+Ctrl-C or SIGTERM stops every child (SIGTERM to its main process, so a worker's warm
+shutdown finishes its current messages; SIGKILL to its group after a grace period; a
+second Ctrl-C kills at once), waits for all of them and exits 0. If a
 child exits on its own, the others are stopped the same way and `bus up` exits 1
 naming that child.
 """
@@ -169,6 +170,13 @@ class Running:
         for raw in self.process.stdout:
             output.line(self.name, raw.decode("utf-8", "replace"))
 
+    def terminate(self) -> None:
+        """SIGTERM the child's main process only: a worker's warm shutdown finishes and acks its current tasks."""
+        try:
+            os.kill(self.process.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def signal(self, sig: int) -> None:
         """Signal the child's process group (its pool processes too); nothing if it is gone."""
         try:
@@ -221,10 +229,10 @@ class Runner:
         return 1 if self.failed is not None else 0
 
     def stop(self) -> None:
-        """SIGTERM every child's group, SIGKILL what is left after the grace period; wait for all."""
+        """SIGTERM every child, SIGKILL what is left of its group after the grace period; wait for all."""
         for running in self.running:
             if running.process.poll() is None:
-                running.signal(signal.SIGTERM)
+                running.terminate()
         deadline = time.monotonic() + self.grace
         while any(r.process.poll() is None for r in self.running):
             if time.monotonic() > deadline or self.signals > 1:

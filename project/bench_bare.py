@@ -9,8 +9,9 @@ shares with the bus only what makes the comparison fair:
 Everything else is Celery's default: no result backend (results ignored), no task
 events, no STARTED state. With BUS_BENCH_BARE_RESULTS=on (`bus bench --bare-results`)
 the baseline stores results too, with Celery's own backend at the bus's result backend
-URL: Celery as most teams run it, results kept for `.get()`. What the bus adds on top (validation, idempotency claim,
-result storage, events for Flower, the outbox, the inbox) is what the bench measures.
+URL: Celery as most teams run it, results kept for `.get()`. What the bus adds on top
+(validation, idempotency claim, result storage, events for Flower, the outbox, the
+inbox) is what the bench measures.
 
 Tasks: `bench_bare.noop` (its own queue `bench_bare.noop`) and `bench_bare.fan`,
 published to the fanout exchange `bench_bare.fanout`, which binds
@@ -55,11 +56,12 @@ def publish_fan(seq: int) -> None:
 #: `bus bench --bare-results`: the baseline stores results as well (Celery's own backend class)
 STORE_RESULTS = os.environ.get("BUS_BENCH_BARE_RESULTS", "") == "on"
 
+_settings = load()
 app = Celery("bench_bare")
 app.conf.update({name: getattr(celeryconfig, name) for name in SHARED_SETTINGS if hasattr(celeryconfig, name)})
 app.conf.update(
-    broker_url=load().broker_url,
-    result_backend=load().result_backend if STORE_RESULTS else None,
+    broker_url=_settings.broker_url,
+    result_backend=_settings.result_backend if STORE_RESULTS else None,
     task_ignore_result=not STORE_RESULTS,
     task_queues=[Queue(NOOP_QUEUE, Exchange(NOOP_QUEUE, type="direct", durable=True), routing_key=NOOP_QUEUE,
                        durable=True), *fan_queues(int(os.environ.get("BUS_BENCH_SUBSCRIBERS", "0")))],

@@ -147,7 +147,7 @@ def kwargs_repr(payload: dict[str, Any], limit: int = 1024) -> str:
 
 
 @contextmanager
-def _fanout_batch(channel: Any) -> Iterator[Callable[[], None]]:
+def _batched_events(channel: Any) -> Iterator[Callable[[], None]]:
     """On the bus's Redis transport, the batch's events in one pipelined round trip
     (project/redis_transport.py); elsewhere (RabbitMQ) one publish each, as before."""
     if hasattr(channel, "fanout_batch"):
@@ -162,7 +162,7 @@ def _publish_rows(bus: "Bus", rows: list[Any]) -> int:
     # Exchange and queues of each event are built and declared with its first row of the
     # batch only: per row, that cost the relay about a fifth of its time (docs/benchmarks.md).
     exchanges: dict[str, Any] = {}
-    with app.producer_or_acquire() as producer, _fanout_batch(producer.channel) as flush:
+    with app.producer_or_acquire() as producer, _batched_events(producer.channel) as flush:
         for row in rows:
             headers = {CORRELATION_HEADER: row.correlation_id, CAUSATION_HEADER: row.causation_id}
             if row.kind == "event":

@@ -27,10 +27,10 @@ consumer refuses and dead-letters like any undecodable message.
 
 A publisher of many events (the outbox relay) can hold the scripts back and send them
 in one pipelined round trip (plus redis-py's SCRIPT EXISTS check): inside
-``with channel.fanout_batch():`` a durable fan-out
-publish only queues its script, and leaving the block sends them all, in order (an
-error raises there, before the caller marks anything published). ``flush_fanout()``
-sends what is queued so far, e.g. before a plain publish that must come after them.
+``with channel.fanout_batch():`` a durable fan-out publish only queues its script, and
+leaving the block sends them all, in order (an error raises there, before the caller
+marks anything published). ``flush_fanout()`` sends what is queued so far, e.g. before
+a plain publish that must come after them.
 
 Every consumed message (any exchange) also gets ``delivery_info['consumer_tag']``,
 as AMQP's basic.deliver has: it lets the worker tell which queue a message came from.
@@ -149,7 +149,10 @@ class Channel(kombu_redis.Channel):
         key = self.keyprefix_queue % (exchange,)
         if self._fanout_batch is not None:
             self._fanout_batch.append((exchange, key, args))
-            return
+        else:
+            self._push_now(exchange, key, args)
+
+    def _push_now(self, exchange: str, key: str, args: list[Any]) -> None:
         with self.conn_or_acquire() as client:
             _warn_if_unbound(exchange, self._push_copies(keys=[key], args=args, client=client))
 
@@ -167,14 +170,13 @@ class Channel(kombu_redis.Channel):
 
     def flush_fanout(self) -> None:
         """Send the queued fan-out scripts now, pipelined, in the order they were published."""
-        batch, self._fanout_batch = self._fanout_batch, ([] if self._fanout_batch is not None else None)
-        if not batch:
+        if not self._fanout_batch:
+            return
+        batch, self._fanout_batch = self._fanout_batch, []
+        if len(batch) == 1:  # a pipeline with a script costs a SCRIPT EXISTS round trip first
+            self._push_now(*batch[0])
             return
         with self.conn_or_acquire() as client:
-            if len(batch) == 1:  # a pipeline with a script costs a SCRIPT EXISTS round trip first
-                exchange, key, args = batch[0]
-                _warn_if_unbound(exchange, self._push_copies(keys=[key], args=args, client=client))
-                return
             pipe = client.pipeline(transaction=False)
             for _, key, args in batch:
                 self._push_copies(keys=[key], args=args, client=pipe)

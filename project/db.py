@@ -78,7 +78,9 @@ outbox = Table(
     Column("name", String(200), nullable=False),
     Column("payload", JSON, nullable=False),
     Column("correlation_id", String(64)),
-    Column("causation_id", String(64)),
+    # indexed: a redelivery that finds its execution committed publishes that execution's
+    # unpublished rows at once (the rows' causation is the message that ran the handler)
+    Column("causation_id", String(64), index=True),
     Column("created_at", DateTime(timezone=True), nullable=False, default=utcnow),
     Column("published_at", DateTime(timezone=True), index=True),
 )
@@ -100,8 +102,20 @@ intake = Table(
     Column("key", String(500), nullable=False),
     Column("payload_hash", String(64), nullable=False),
     Column("payload", JSON, nullable=False),
-    Column("accepted_at", DateTime(timezone=True), nullable=False, default=utcnow),
+    Column("accepted_at", DateTime(timezone=True), nullable=False, default=utcnow, index=True),
     UniqueConstraint("task", "key", name="uq_intake_task_key"),
+)
+
+#: leases only one holder (or holders of one `key`) can have at a time: the owner of a
+#: command queue (key = its handler, shared by replicas), the worker that relays the outbox
+leases = Table(
+    "bus_leases", metadata,
+    Column("name", String(200), primary_key=True),
+    Column("key", String(300), nullable=False),  # holders with the same key share the lease
+    Column("holder", String(300), nullable=False),  # the last holder that took or renewed it
+    Column("acquired_at", DateTime(timezone=True), nullable=False),
+    Column("renewed_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
 )
 
 #: one row per execution of a command or subscriber (message, task): the last attempt's

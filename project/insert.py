@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 def insert_ignore(session: Session, table: Table):
     """An insert into `table` that does nothing on a key conflict (one round trip)."""
-    return _dialect(session.bind.dialect.name).insert(table).on_conflict_do_nothing()
+    return dialect_module(session.bind.dialect.name).insert(table).on_conflict_do_nothing()
 
 
 @cache
@@ -20,8 +20,9 @@ def claim_statement(dialect_name: str, table: Table, returning: str) -> Insert:
     Executed with the row as parameters (named after the columns): a claim per message
     costs no statement building, and SQLAlchemy finds the compiled SQL in its cache.
     """
-    return _dialect(dialect_name).insert(table).on_conflict_do_nothing().returning(table.c[returning])
+    return dialect_module(dialect_name).insert(table).on_conflict_do_nothing().returning(table.c[returning])
 
 
-def _dialect(name: str):
+def dialect_module(name: str):
+    """SQLAlchemy's dialect module of `name` (its `insert` has ON CONFLICT)."""
     return postgresql if name == "postgresql" else sqlite

@@ -1,0 +1,108 @@
+"""Leases (project/lease.py) on real databases: askers at the same instant cannot both win.
+
+The owner of a command queue and the outbox relay rest on this: PostgreSQL and SQLite,
+with threads that ask at one barrier, each on its own connection.
+"""
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from project import isolation, lease
+from project.db import dispose, engine_for
+from project.migrate import upgrade
+from tests.integration.bus_services import require
+from tests.integration.scenarios import PG_ADMIN_URL
+
+pytestmark = pytest.mark.integration
+ASKERS = 8
+TTL = timedelta(seconds=30)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A fresh database of each kind at the migrations' head."""
+    cleanups: list = []
+    if request.param == "postgresql":
+        require("postgresql")
+        url = isolation.postgres_database(cleanups, PG_ADMIN_URL, prefix="bus_lease")
+    else:
+        url = f"sqlite:///{tmp_path}/bus.db"
+    try:
+        upgrade(url)
+        yield engine_for(url)
+    finally:
+        dispose(url)
+        for cleanup in reversed(cleanups):
+            cleanup()
+
+
+def ask_together(engine: Engine, keys: list[str], name: str = "owner:orders.place_order") -> list[bool]:
+    """Every key asks for `name` at the same instant, each from its own thread; who won."""
+    barrier, won = threading.Barrier(len(keys)), [False] * len(keys)
+
+    def ask(n: int) -> None:
+        barrier.wait()
+        won[n] = lease.acquire(engine, name, keys[n], holder=f"worker-{n}", ttl=TTL)[0]
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(len(keys))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return won
+
+
+def test_askers_with_different_keys_at_one_instant_one_wins(engine):
+    # Given nobody holds the lease
+    # When eight askers with eight different keys ask at the same instant, on their own connections
+    won = ask_together(engine, [f"handler-{n}" for n in range(ASKERS)])
+
+    # Then exactly one wins, and the lease names its key
+    assert won.count(True) == 1
+    winner = won.index(True)
+    [held] = lease.listing(engine)
+    assert (held.key, held.holder) == (f"handler-{winner}", f"worker-{winner}")
+
+
+def test_askers_with_one_key_at_one_instant_all_share_it(engine):
+    # Given nobody holds the lease
+    # When eight replicas of one handler ask at the same instant
+    won = ask_together(engine, ["handlers.orders.place_order"] * ASKERS)
+
+    # Then all of them hold it
+    assert won == [True] * ASKERS
+
+
+def test_a_held_lease_refuses_another_key_until_it_expires(engine):
+    # Given a lease held by one key, and another that expired
+    assert lease.acquire(engine, "held", "a", "w1", TTL)[0]
+    assert lease.acquire(engine, "stale", "a", "w1", timedelta(seconds=-1))[0]
+
+    # When another key asks for both
+    refused, current = lease.acquire(engine, "held", "b", "w2", TTL)
+    taken, _ = lease.acquire(engine, "stale", "b", "w2", TTL)
+
+    # Then the held one is refused and still names its holder; the expired one is taken over
+    assert not refused
+    assert (current.key, current.holder) == ("a", "w1")
+    assert not current.expired()
+    assert taken
+    assert {(x.name, x.key) for x in lease.listing(engine)} == {("held", "a"), ("stale", "b")}
+
+
+def test_release_with_the_wrong_key_keeps_the_lease(engine):
+    # Given a lease held by key a
+    lease.acquire(engine, "relay", "a", "w1", TTL)
+
+    # When it is released with key b, then with key a
+    wrong, right = lease.release(engine, "relay", "b"), lease.release(engine, "relay", "a")
+
+    # Then only the right key released it
+    assert (wrong, right) == (False, True)
+    assert lease.listing(engine) == []

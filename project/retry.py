@@ -1,10 +1,20 @@
-"""Retry policies: exponential backoff with full jitter, a cap and per-exception rules."""
+"""Retry policies: exponential backoff with full jitter, a cap and per-exception rules.
+
+A policy is the only cap on a message's retries. On a broker that hands an unacknowledged
+message back after a visibility timeout (Redis, the embedded broker), `check_visibility`
+refuses a policy whose wait can reach it: a retry waits out its countdown unacknowledged
+in the worker, and would be handed back and run twice.
+"""
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
 
 from project.contracts import DomainError
+from project.errors import ConfigurationError
+
+#: doublings past this many reach any cap (and 2.0 ** 1024 would overflow a float)
+_MAX_DOUBLINGS = 64
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
@@ -46,8 +56,33 @@ class Backoff:
 
     def delay(self, retries: int) -> float:
         """Seconds to wait before retry number `retries + 1`."""
-        ceiling = min(self.cap, self.base * (2 ** retries))
+        ceiling = self._ceiling(retries)
         return random.uniform(0, ceiling) if self.jitter else ceiling
+
+    def longest_delay(self) -> float:
+        """The longest wait before any of its retries (the last retry's ceiling; 0 if it never retries)."""
+        return self._ceiling(self.max_retries - 1) if self.max_retries else 0.0
+
+    def _ceiling(self, retries: int) -> float:
+        return min(self.cap, self.base * (2 ** min(retries, _MAX_DOUBLINGS)))
+
+    def __str__(self) -> str:
+        return f"Backoff(max_retries={self.max_retries}, base={self.base:g}, cap={self.cap:g})"
+
+
+def check_visibility(name: str, policy: Backoff, visibility_timeout: float | None) -> None:
+    """Refuse `policy` of task `name` if a retry can wait as long as `visibility_timeout` (None: no such timeout)."""
+    if visibility_timeout is None:
+        return
+    longest = policy.longest_delay()
+    if longest >= visibility_timeout:
+        raise ConfigurationError(
+            f"{name}: its retry policy {policy} can wait {longest:g} s before a retry, but the broker hands an "
+            f"unacknowledged message back after {visibility_timeout:g} s (Redis visibility timeout): a retry "
+            f"waiting that long would run twice. Lower the policy's cap (or max_retries) so it waits less than "
+            f"{visibility_timeout:g} s, or raise BUS_VISIBILITY_TIMEOUT above {longest:g} s plus the handler's "
+            f"longest run."
+        )
 
 
 def _names(types: tuple[type[BaseException], ...]) -> list[str]:

@@ -1,7 +1,8 @@
 """The Celery shell around `project.execution`: one delivery of a bus task on a worker.
 
-A retry the policy asks for is published by Celery's `retry()` to `retry_options()`
-(a subscriber's own queue); everything else is decided in project/execution.py.
+A retry the policy asks for is published by Celery's `retry()` to the task's own queue
+only (`retry_options()`), as often as the bus's policy says: Celery's own cap is off.
+Everything else is decided in project/execution.py.
 """
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Task
 
+from project.dispatch import own_queue
 from project.execution import Delivery, RetryLater
 from project.headers import CORRELATION_HEADER, header
+from project.retry import Backoff, check_visibility
 
 if TYPE_CHECKING:
     from project.core import Bus
@@ -22,10 +25,30 @@ class BusTask(Task):
     bus: "Bus"
     binding: Any
     typing = False  # the contract validates the fields, not the function signature
+    # No cap of Celery's: retry() reads its max_retries=None argument as "use this attribute"
+    # (3 by default) and fails the 4th retry without a dead letter. The policy decides alone.
+    max_retries = None
 
     def retry_options(self) -> dict[str, Any]:
-        """Where a retry is published (default: where the message came from)."""
-        return {}
+        """Where a retry is published: this task's own queue, through the default exchange.
+
+        Celery would re-publish to the exchange the message came from: for an event that
+        is its fanout (every subscriber would run again), for a command on quorum queues
+        the main exchange `bus.queues`, which the command's route check refuses. On quorum
+        queues a countdown then travels through RabbitMQ's delayed delivery, which Celery
+        routes by the queue's own exchange and name: to this queue only.
+        """
+        return own_queue(self.name)
+
+    @classmethod
+    def retry_policy(cls) -> Backoff:
+        """The policy this task's failures are retried by."""
+        raise NotImplementedError
+
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        """Refuse, as the app binds this task (a worker at start), a policy its broker would run twice."""
+        check_visibility(cls.name, cls.retry_policy(), visibility_timeout(app))
 
     def delivery(self) -> Delivery:
         """This message, as the execution sees it."""
@@ -38,9 +61,22 @@ class BusTask(Task):
         try:
             return execute(self.binding, fields, self.delivery())
         except RetryLater as later:
-            # max_retries=None: the policy already decided; Celery's default (3) must not cap it
-            raise self.retry(exc=later.cause, countdown=whole_seconds(later.delay), max_retries=None,
-                             **self.retry_options())
+            raise self.retry(exc=later.cause, countdown=whole_seconds(later.delay), **self.retry_options())
+
+
+def visibility_timeout(app: Any) -> float | None:
+    """Seconds after which `app`'s broker hands an unacknowledged message back; None if it never does by time.
+
+    kombu's Redis transports (and the embedded broker, Redis on a socket) do, after the
+    transport option `visibility_timeout` (celeryconfig: BUS_VISIBILITY_TIMEOUT); RabbitMQ
+    hands a message back only when its consumer goes away.
+    """
+    with app.connection_for_write() as connection:  # not connected: only the transport's class is read
+        transport = connection.get_transport_cls()
+    if getattr(transport, "driver_type", None) != "redis":
+        return None
+    options = app.conf.broker_transport_options or {}
+    return float(options.get("visibility_timeout", transport.Channel.visibility_timeout))
 
 
 def whole_seconds(delay: float) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from project.dispatch import own_queue
 from project.errors import InvalidMessage
 from project.retry import Backoff
 from project.runtime import BusTask
@@ -27,10 +26,10 @@ class SubscriberTask(BusTask):
         """This subscriber's retry policy (its own, or the bus's default)."""
         return self.binding.retry
 
-    def retry_options(self) -> dict[str, Any]:
-        # Celery re-publishes a retry to the exchange the message came from: for a fanout
-        # that would re-run every subscriber. The default exchange reaches this queue only.
-        return own_queue(self.name)
+    @classmethod
+    def retry_policy(cls) -> Backoff:
+        """This subscriber's retry policy, read from the class (as Celery binds it)."""
+        return cls.binding.retry
 
 
 def run_subscriber(task: SubscriberTask, **fields: Any) -> None:

@@ -1,14 +1,22 @@
-"""Retry policy maths and operator durations: pure functions, exact numbers."""
+"""Retry policy maths and operator durations: pure functions, exact numbers.
+
+And the one check a policy gets from its broker: on Redis a retry must not wait as long
+as the visibility timeout, checked as an app binds its tasks (no server needed).
+"""
 from __future__ import annotations
 
 import random
 from datetime import timedelta
 
 import pytest
+from celery import Celery
 
 from handlers.accounts import EmailAlreadyRegistered
+from handlers.messages import OrderPlaced, PlaceOrder
+from project.core import Bus
 from project.durations import parse_duration
-from project.retry import Backoff, default_command_policy, transient_errors
+from project.errors import ConfigurationError
+from project.retry import DEFAULT_SUBSCRIBER_POLICY, Backoff, check_visibility, default_command_policy, transient_errors
 
 
 class GatewayDown(ConnectionError):
@@ -68,6 +76,51 @@ def test_negative_backoff_settings_are_refused(field):
     assert "max_retries, base and cap >= 0" in str(error.value)
 
 
+# ---- retry waits and Redis's visibility timeout ----------------------------------------------
+@pytest.mark.parametrize("policy, longest", [
+    (Backoff(max_retries=5, base=1.0, cap=60.0), 16.0),      # 1, 2, 4, 8, 16: the cap is never reached
+    (Backoff(max_retries=10, base=0.5, cap=30.0), 30.0),     # ... 16, 30, 30: the cap is
+    (Backoff(max_retries=0, base=1.0, cap=600.0), 0.0),      # never retries: never waits
+    (Backoff(max_retries=5000, base=1.0, cap=45.0), 45.0),   # no overflow on a huge count
+    (Backoff(max_retries=3, base=0.0, cap=45.0), 0.0),       # retries at once
+])
+def test_the_longest_wait_of_a_policy_is_its_last_ceiling(policy, longest):
+    assert policy.longest_delay() == longest
+    # ... which no delay it draws exceeds (full jitter stays under the ceiling)
+    assert all(policy.delay(n) <= longest for n in range(policy.max_retries) for _ in range(20))
+
+
+def test_the_default_policies_fit_the_default_visibility_timeout():
+    # Given Redis's default visibility timeout in celeryconfig (300 s), Then both default policies are accepted
+    check_visibility("notifications.send_welcome_sms", DEFAULT_SUBSCRIBER_POLICY, 300)
+    check_visibility("orders.place_order", default_command_policy(), 300)
+
+
+def test_a_policy_is_not_checked_where_the_broker_restores_nothing_by_time():
+    # Given RabbitMQ (no visibility timeout: None), Then even an hour's wait is accepted
+    check_visibility("billing.charge_payment", Backoff(max_retries=20, base=1.0, cap=3600.0), None)
+
+
+@pytest.mark.parametrize("cap", [10.0, 10.5, 60.0])
+def test_a_policy_that_can_wait_as_long_as_the_visibility_timeout_is_refused_naming_the_fix(cap):
+    # Given a subscriber whose retries may wait up to `cap` seconds, and a 10 s visibility timeout
+    policy = Backoff(max_retries=8, base=1.0, cap=cap)
+    # When it is checked, Then it is refused: its retry would be handed back and run twice
+    with pytest.raises(ConfigurationError) as error:
+        check_visibility("billing.charge_payment", policy, 10)
+    assert str(error.value) == (
+        f"billing.charge_payment: its retry policy Backoff(max_retries=8, base=1, cap={cap:g}) can wait "
+        f"{cap:g} s before a retry, but the broker hands an unacknowledged message back after 10 s "
+        f"(Redis visibility timeout): a retry waiting that long would run twice. Lower the policy's cap "
+        f"(or max_retries) so it waits less than 10 s, or raise BUS_VISIBILITY_TIMEOUT above {cap:g} s "
+        f"plus the handler's longest run."
+    )
+
+
+def test_a_policy_just_under_the_visibility_timeout_is_accepted():
+    check_visibility("billing.charge_payment", Backoff(max_retries=8, base=1.0, cap=9.5), 10)
+
+
 @pytest.mark.parametrize("text, expected", [
     ("90s", timedelta(seconds=90)), ("15m", timedelta(minutes=15)), ("12h", timedelta(hours=12)),
     ("7d", timedelta(days=7)), ("0s", timedelta(0)), (" 3 d ", timedelta(days=3)),
@@ -81,3 +134,53 @@ def test_parse_duration_refuses_anything_else_with_the_accepted_forms(text):
     with pytest.raises(ValueError) as error:
         parse_duration(text)
     assert str(error.value) == f"{text!r} is not a duration; write a whole number and a unit: 90s, 15m, 12h or 7d"
+
+
+# ---- the check as a worker's app binds its tasks ----------------------------------------------
+def charge(event: OrderPlaced) -> None:
+    pass
+
+
+def place(cmd: PlaceOrder) -> dict:
+    return {}
+
+
+def app_on(broker: str, **conf: object) -> Celery:
+    """A Celery app on `broker` (never connected: binding tasks needs no server)."""
+    app = Celery("policies", broker=broker, set_as_current=False)
+    app.conf.update(conf)
+    return app
+
+
+@pytest.mark.parametrize("broker", ["redis://127.0.0.1:6379/0", "redis+socket:///tmp/bus/redis.sock"],
+                         ids=["redis", "embedded"])
+def test_a_worker_on_redis_refuses_a_subscriber_policy_past_its_visibility_timeout(broker):
+    # Given an app on Redis whose visibility timeout is 30 s, and a subscriber that may wait 60 s
+    app = app_on(broker, broker_transport_options={"visibility_timeout": 30})
+    bus = Bus(app)
+    bus.subscriber(OrderPlaced, boundary="billing", retry=Backoff(max_retries=8, base=1.0, cap=60.0))(charge)
+    # When the app binds its tasks (a worker does at start), Then it refuses, naming the subscriber
+    with pytest.raises(ConfigurationError, match=r"^billing\.charge: its retry policy .* can wait 60 s .* after 30 s"):
+        app.finalize(auto=True)
+
+
+def test_a_worker_on_redis_refuses_a_command_policy_past_its_visibility_timeout():
+    # Given the default command policy (waits up to 8 s) and a 5 s visibility timeout
+    app = app_on("redis://127.0.0.1:6379/0", broker_transport_options={"visibility_timeout": 5})
+    Bus(app).command(PlaceOrder)(place)
+    # When the app binds its tasks, Then the command is refused
+    with pytest.raises(ConfigurationError, match=r"^orders\.place_order: its retry policy .* can wait 8 s"):
+        app.finalize(auto=True)
+
+
+@pytest.mark.parametrize("broker, options", [
+    ("amqp://guest:guest@127.0.0.1:5672//", {"visibility_timeout": 5}),  # RabbitMQ: no visibility timeout
+    ("redis://127.0.0.1:6379/0", {}),                                   # kombu's default: 3600 s
+], ids=["rabbitmq", "redis-default"])
+def test_policies_that_fit_are_bound(broker, options):
+    app = app_on(broker, broker_transport_options=options)
+    bus = Bus(app)
+    task = bus.subscriber(OrderPlaced, boundary="billing", retry=Backoff(max_retries=8, base=1.0, cap=600.0))(charge)
+    bus.command(PlaceOrder)(place)
+    app.finalize(auto=True)
+    assert task.name in app.tasks and "orders.place_order" in app.tasks

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from handlers.messages import OrderPlaced, PlaceOrder, RegisterUser
 from project.commands import body_of, check_route, prepare
 from project.core import Bus
+from project.dispatch import own_queue
 from project.errors import MisroutedCommand, NotACommand
 from project.idempotency import TASK_ID_NAMESPACE, task_id_for
 from project.settings import Settings
@@ -148,8 +149,30 @@ def test_a_command_cannot_be_routed_elsewhere(bus: Bus, options):
 
 
 @pytest.mark.parametrize("options", [{}, {"queue": "orders.place_order"}, {"exchange": ""},
-                                     {"exchange": "orders.place_order"}])
+                                     {"exchange": "orders.place_order"}, own_queue("orders.place_order")])
 def test_its_own_queue_is_accepted(options):
+    check_route("orders.place_order", options)
+
+
+@pytest.mark.parametrize("options", [
+    {"routing_key": "billing.charge_payment"},
+    {"exchange": "", "routing_key": "accounts.register_user"},
+    {"exchange": "bus.queues", "routing_key": "orders.place_order"},
+], ids=["other-routing-key", "default-exchange-to-another-queue", "quorum-router-by-hand"])
+def test_routing_options_of_a_caller_that_lead_elsewhere_are_refused(bus: Bus, options):
+    # When a caller routes a command by routing key, or through an exchange it should not name
+    with pytest.raises(MisroutedCommand) as error:
+        bus.place_order.apply_async(kwargs=FIELDS, **options)
+    # Then it is refused before publishing, naming what it got
+    assert f"routing_key={options['routing_key']!r}" in str(error.value)
+    assert drain(bus) == []
+
+
+def test_a_command_retries_to_its_own_queue_by_the_default_exchange(bus: Bus):
+    # Given a command task, Then its retry goes to its queue only, on a route its own check accepts
+    # (not to the exchange the message came from: on quorum queues that is bus.queues)
+    options = bus.place_order.retry_options()
+    assert options == {"queue": "orders.place_order", "exchange": "", "routing_key": "orders.place_order"}
     check_route("orders.place_order", options)
 
 
@@ -176,3 +199,45 @@ def test_bus_send_accepts_its_own_queue_named_explicitly(bus: Bus):
     # Given a sender that names the command's own queue, When it sends, Then it is published there once
     sent = bus.send(PlaceOrder(**FIELDS), idempotency_key="k", queue="orders.place_order")
     assert [m["headers"]["id"] for m in drain(bus)] == [sent.id]
+
+
+# ---- idempotency keys longer than the store's key column --------------------------------
+KEY_LIMIT = 500  # bus_commands.key is String(500)
+
+
+@pytest.mark.parametrize("length", [KEY_LIMIT - 1, KEY_LIMIT])
+def test_a_key_up_to_the_column_limit_is_accepted(bus: Bus, length: int):
+    # Given a key as long as the store keeps, When it is sent, Then it is published with it
+    sent = bus.place_order.delay(**FIELDS, idempotency_key="k" * length)
+    [message] = drain(bus)
+    assert message["headers"]["id"] == sent.id
+    assert message["body"][1]["idempotency_key"] == "k" * length
+
+
+@pytest.mark.parametrize("send", ["delay", "apply_async", "bus.send", "body_of"])
+def test_a_key_longer_than_the_column_is_refused_at_the_caller_and_nothing_is_published(bus: Bus, send: str):
+    # Given a caller key one character over the key column's limit
+    key = "k" * (KEY_LIMIT + 1)
+
+    # When it is sent by any of the caller's ways
+    with pytest.raises(ValueError) as error:
+        {"delay": lambda: bus.place_order.delay(**FIELDS, idempotency_key=key),
+         "apply_async": lambda: bus.place_order.apply_async(kwargs=FIELDS, idempotency_key=key),
+         "bus.send": lambda: bus.send(PlaceOrder(**FIELDS), idempotency_key=key),
+         "body_of": lambda: body_of(PlaceOrder(**FIELDS), key)}[send]()
+
+    # Then it is refused naming the command, the length, the limit and the fix; nothing is published
+    assert str(error.value) == (
+        f"the idempotency key of orders.place_order is {KEY_LIMIT + 1} characters long; the bus stores at most "
+        f"{KEY_LIMIT} (column bus_commands.key). Use a shorter key, e.g. a digest of this one: "
+        f"hashlib.sha256(key.encode()).hexdigest()"
+    )
+    assert drain(bus) == []
+
+
+def test_a_natural_key_longer_than_the_column_is_refused_too():
+    # Given a contract whose natural key (order_id=...) comes out longer than the limit
+    fields = {**FIELDS, "order_id": "o" * KEY_LIMIT}
+    # When it is prepared without an explicit key, Then the derived key is refused
+    with pytest.raises(ValueError, match=f"is {KEY_LIMIT + len('order_id=')} characters long"):
+        prepare(PlaceOrder, fields, None)

@@ -5,9 +5,12 @@ harness (project/testing.py) run the same code from here:
 - the fields are validated against the contract; an invalid message is dead-lettered,
   never run and never retried (`InvalidMessage`);
 - a command claims its idempotency key, runs its handler and stores the result in one
-  transaction; a duplicate gets the stored outcome, a conflicting payload is refused;
+  transaction; a domain refusal rolls the handler back to a savepoint and is stored under
+  the claim it keeps; a duplicate gets the stored outcome, a conflicting payload is refused;
 - a subscriber claims (event, subscriber) in its inbox in one transaction with its effects;
 - what a handler publishes goes to the outbox and is handed to `bus.publisher` after commit;
+  a redelivery that finds its execution committed hands over what that execution left
+  unpublished (project/redispatch.py);
 - a failure the policy retries raises `RetryLater`; one it gives up on is dead-lettered;
 - every attempt's outcome is logged for `bus trace` (project/trace.py).
 """
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
-from project import deadletters, idempotency, inbox, metrics, trace
+from project import deadletters, idempotency, inbox, metrics, redispatch, trace
 from project.contracts import IDEMPOTENCY_KEY, Command, DomainError, MessageContext
 from project.db import utcnow
 from project.errors import IdempotencyConflict, InvalidMessage
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 #: seconds before a message whose dead letter could not be stored (database down) runs again
 STORE_RETRY_DELAY = 10.0
+#: claims of one key per delivery: a key purged after the claim found it is claimed again
+CLAIM_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -90,50 +95,68 @@ class Execution:
         payload = command.payload()
         key = key or command.natural_key_value() or delivery.message_id
         try:
-            result, published, stored_under = self._command_once(binding, command, key, payload, delivery)
+            executed, committed = self._command_once(binding, command, key, payload, delivery)
         except (DomainError, IdempotencyConflict):
             raise
         except Exception as exc:
             raise self._failure(binding, self.bus.command_policy, exc, {**payload, IDEMPOTENCY_KEY: key}, delivery)
-        self.bus.publisher.publish(published or [])
-        return Executed(result, ran=published is not None, stored_under=stored_under)
+        self.bus.publisher.publish(committed)
+        return executed
 
     def _command_once(self, binding, command: Command, key: str, payload: dict[str, Any],
-                      delivery: Delivery) -> tuple[Any, list[str] | None, str]:
-        """(result, outbox ids written, this message id) if the handler ran, else (stored result, None, its id)."""
+                      delivery: Delivery) -> tuple[Executed, list[str]]:
+        """Run the handler under the claim, or get the stored outcome; and the outbox ids to publish now."""
         name, digest = binding.name, command.payload_hash()
         with UnitOfWork(self.bus.engine()) as uow:
-            if not idempotency.claim(uow.session, name, key, digest, payload, delivery.message_id):
+            for _ in range(CLAIM_ATTEMPTS):
+                if idempotency.claim(uow.session, name, key, digest, payload, delivery.message_id):
+                    return self._run_claimed(binding, command, key, delivery, uow)
                 outcome = idempotency.previous(uow.session, name, key)
-                if outcome.payload_hash == digest:
-                    idempotency.absorbed(uow.session, name, key)
-                    metrics.absorbed(name)
-                    logger.info("%s key %r already handled: duplicate absorbed", name, key)
-                uow.commit()
-                return self._replay(binding, outcome, key, digest, payload, delivery), None, outcome.message_id
-            context = delivery.context(key)
-            sink = self.bus.sink(uow, binding.boundary, f"{name}:{key}", context)
-            try:
-                result = to_jsonable_python(binding.handler(
-                    command, **self.bus.dependencies(binding, uow, sink, context)))
-            except DomainError as exc:
-                uow.rollback()
-                self._store_domain_error(name, key, digest, payload, delivery, exc)
-                trace.failed(self.bus.engine(), binding, delivery, exc, state="refused")
-                raise
-            uow.write(idempotency.finished(name, key, result=result), trace.succeeded(uow.dialect, binding, delivery))
-            uow.commit()
-            return result, sink.written, delivery.message_id
+                if outcome is not None:
+                    return self._duplicate(binding, outcome, key, digest, payload, delivery, uow)
+                logger.info("%s key %r was purged after its claim found it; claiming it again", name, key)
+        raise RuntimeError(
+            f"{name} key {key!r} was found claimed and then purged {CLAIM_ATTEMPTS} times in a row: keys are "
+            f"purged faster than this command is resent. Keep keys longer (BUS_KEY_RETENTION, "
+            f"bus purge-keys --older-than) than clients may resend a command.")
 
-    def _store_domain_error(self, name: str, key: str, digest: str, payload: dict[str, Any],
-                            delivery: Delivery, exc: DomainError) -> None:
-        """Keep a refused command's error with its key, so duplicates get the same error."""
-        with UnitOfWork(self.bus.engine()) as uow:
-            if idempotency.claim(uow.session, name, key, digest, payload, delivery.message_id):
-                idempotency.finish(uow.session, name, key,
-                                   error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-                                   error_message=str(exc))
+    def _run_claimed(self, binding, command: Command, key: str, delivery: Delivery,
+                     uow: UnitOfWork) -> tuple[Executed, list[str]]:
+        """Run the handler of a claimed key and store its outcome in the claim's transaction."""
+        name, context = binding.name, delivery.context(key)
+        sink = self.bus.sink(uow, binding.boundary, f"{name}:{key}", context)
+        undo = uow.savepoint()
+        try:
+            result = to_jsonable_python(binding.handler(command, **self.bus.dependencies(binding, uow, sink, context)))
+        except DomainError as exc:
+            # The handler's writes are undone, the claim is kept: a duplicate waiting on its
+            # row gets this refusal; after a rollback it would claim the key and run again.
+            undo()
+            uow.write(idempotency.finished(name, key, error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+                                           error_message=str(exc)),
+                      trace.refused(uow.dialect, binding, delivery, exc))
             uow.commit()
+            raise
+        uow.write(idempotency.finished(name, key, result=result), trace.succeeded(uow.dialect, binding, delivery))
+        uow.commit()
+        return Executed(result, ran=True, stored_under=delivery.message_id), sink.written
+
+    def _duplicate(self, binding, outcome: idempotency.Outcome, key: str, digest: str, payload: dict[str, Any],
+                   delivery: Delivery, uow: UnitOfWork) -> tuple[Executed, list[str]]:
+        """The stored outcome of a key claimed before; and what its execution left unpublished."""
+        name, left = binding.name, []
+        if outcome.payload_hash == digest:
+            idempotency.absorbed(uow.session, name, key)
+            metrics.absorbed(name)
+            logger.info("%s key %r already handled: duplicate absorbed", name, key)
+            if outcome.status == "succeeded":
+                left = redispatch.left_unpublished(uow.session, outcome.message_id, name, delivery.started_at)
+        uow.commit()
+        if left:
+            logger.warning("%s key %r: its execution %s left %d outbox row(s) unpublished; publishing them now",
+                           name, key, outcome.message_id, len(left))
+        value = self._replay(binding, outcome, key, digest, payload, delivery)
+        return Executed(value, ran=False, stored_under=outcome.message_id), left
 
     def _replay(self, binding, outcome: idempotency.Outcome, key: str, digest: str,
                 payload: dict[str, Any], delivery: Delivery) -> Any:
@@ -163,12 +186,17 @@ class Execution:
         return Executed(None, ran)
 
     def _subscriber_once(self, binding, event, event_id: str, delivery: Delivery) -> tuple[bool, list[str]]:
+        """(True, outbox ids written) if the handler ran; (False, what its earlier run left unpublished) if not."""
         with UnitOfWork(self.bus.engine()) as uow:
             if not inbox.claim(uow.session, event_id, binding.name):
+                left = redispatch.left_unpublished(uow.session, delivery.message_id, binding.name, delivery.started_at)
                 uow.commit()
                 logger.info("%s already handled event %s: duplicate absorbed", binding.name, event_id)
                 metrics.absorbed(binding.name)
-                return False, []
+                if left:
+                    logger.warning("%s: its run of event %s left %d outbox row(s) unpublished; publishing them now",
+                                   binding.name, event_id, len(left))
+                return False, left
             context = delivery.context(f"{binding.name}:{event_id}")
             sink = self.bus.sink(uow, binding.boundary, f"{binding.name}:{event_id}", context)
             binding.handler(event, **self.bus.dependencies(binding, uow, sink, context))

@@ -3,7 +3,13 @@
 The claim is a single INSERT .. ON CONFLICT DO NOTHING RETURNING: one round trip when
 the key is new. A concurrent duplicate blocks on the row (PostgreSQL) or on the write
 lock (SQLite) until the first transaction ends, then finds the stored outcome. A crash
-before commit leaves no claim, so the redelivery runs the handler.
+before commit leaves no claim, so the redelivery runs the handler. The claim must be
+kept until the outcome is stored in the same transaction: a rollback releases the row,
+and a waiting duplicate would claim it and run the handler again.
+
+A purge may delete a key between a duplicate's claim (which found it) and its read of
+the outcome (PostgreSQL: ON CONFLICT DO NOTHING does not lock the row it finds);
+`previous()` then finds nothing and the caller claims the key again.
 """
 from __future__ import annotations
 
@@ -54,9 +60,11 @@ def claim(session: Session, task: str, key: str, payload_hash: str, payload: dic
     return session.execute(claim_statement(session.bind.dialect.name, commands, "key"), row).first() is not None
 
 
-def previous(session: Session, task: str, key: str) -> Outcome:
-    """The stored outcome of an earlier claim."""
-    row = session.execute(select(commands).where(commands.c.task == task, commands.c.key == key)).one()
+def previous(session: Session, task: str, key: str) -> Outcome | None:
+    """The stored outcome of an earlier claim; None if the key was purged since the claim found it."""
+    row = session.execute(select(commands).where(commands.c.task == task, commands.c.key == key)).first()
+    if row is None:
+        return None
     return Outcome(row.payload_hash, row.payload, row.status, row.result, row.error_type, row.error_message,
                    row.message_id)
 
@@ -71,12 +79,6 @@ def absorbed(session: Session, task: str, key: str) -> None:
     """Count a duplicate delivery that got the stored outcome instead of a run."""
     session.execute(update(commands).where(commands.c.task == task, commands.c.key == key)
                     .values(duplicates=commands.c.duplicates + 1))
-
-
-def finish(session: Session, task: str, key: str, *, result: Any = None,
-           error_type: str | None = None, error_message: str | None = None) -> None:
-    """Store the outcome on the claim (in the same transaction)."""
-    session.execute(*finished(task, key, result=result, error_type=error_type, error_message=error_message))
 
 
 def finished(task: str, key: str, *, result: Any = None, error_type: str | None = None,

@@ -4,7 +4,8 @@ Write side: every execution of a command or subscriber leaves one row in
 `bus_executions` (message, task, conversation, state, attempts, start and end of the
 last attempt). A success is written in the handler's own transaction (one more
 INSERT, no extra commit; on PostgreSQL a command's goes in one round trip with its
-stored result), so the row exists exactly when the effects do; a failed
+stored result), so the row exists exactly when the effects do; so is a refusal (a
+domain error), with the refusal stored under the claim it keeps. A failed
 attempt (retrying, or given up and dead-lettered) is written in a short transaction of
 its own, and a failure to write it never changes the message's outcome. Duplicates
 absorbed are not logged here: the claim tables already count them.
@@ -43,10 +44,15 @@ def succeeded(dialect_name: str, binding: Any, delivery: "Delivery", *, event_id
     return _upsert(dialect_name, keep_error=True), _params(_row(binding, delivery, event_id, "succeeded", None))
 
 
+def refused(dialect_name: str, binding: Any, delivery: "Delivery", exc: BaseException) -> Write:
+    """The write that logs a refused attempt (a domain error), in the execution's own transaction."""
+    return _upsert(dialect_name, keep_error=False), _params(_row(binding, delivery, None, "refused", _error(exc)))
+
+
 def failed(engine: Engine, binding: Any, delivery: "Delivery", exc: BaseException, *, state: str,
            event_id: str | None = None) -> None:
-    """Log a failed attempt (`retrying`, `dead-lettered`, `refused`) in a transaction of its own."""
-    row = _row(binding, delivery, event_id, state, f"{type(exc).__name__}: {exc}"[:2000])
+    """Log a failed attempt (`retrying`, `dead-lettered`) in a transaction of its own."""
+    row = _row(binding, delivery, event_id, state, _error(exc))
     try:
         with engine.begin() as conn:
             conn.execute(_upsert(engine.dialect.name, keep_error=False), _params(row))
@@ -66,6 +72,10 @@ def _row(binding: Any, delivery: "Delivery", event_id: str | None, state: str, e
             "correlation_id": delivery.correlation_id or delivery.message_id, "event_id": event_id,
             "state": state, "attempts": delivery.attempt + 1, "error": error,
             "started_at": delivery.started_at, "finished_at": utcnow()}
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
 
 
 def _params(row: dict) -> dict:

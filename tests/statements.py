@@ -13,10 +13,10 @@ from sqlalchemy import event
 
 
 def label(sql: str) -> str:
-    """`INSERT bus_commands`, `SELECT users`, `UPDATE bus_commands + INSERT bus_executions` (a WITH), `BEGIN ...`."""
+    """`INSERT bus_commands`, `SELECT users`, `UPDATE bus_commands + INSERT bus_executions` (a WITH), `BEGIN ...`, `SAVEPOINT`."""
     sql = " ".join(sql.split())
-    if sql.startswith("BEGIN"):
-        return sql
+    if sql.startswith(("BEGIN", "SAVEPOINT", "ROLLBACK TO", "RELEASE")):
+        return sql.split(" sa_savepoint")[0]
     if sql.startswith("SELECT"):
         return "SELECT " + re.search(r" FROM (\w+)", sql).group(1)
     writes = re.findall(r"\b(INSERT INTO|(?<!DO )UPDATE|DELETE FROM) (\w+)", sql)

@@ -60,10 +60,10 @@ def test_a_command_sends_its_claim_the_handlers_statements_and_one_for_result_an
     # When its command runs once
     with statements(bus.engine()) as seen:
         bus.execution.command(bus.registry.commands[REGISTER], fields, Delivery(REGISTER, f"m-{uid}"))
-    # Then PostgreSQL got the claim, the handler's three statements, and the stored result
-    # with the execution log as one statement (plus BEGIN and COMMIT, which psycopg sends);
-    # the harness's publish of the event comes after the commit
-    assert until_commit(seen) == ["INSERT bus_commands", "SELECT users", "INSERT users", "INSERT bus_outbox",
+    # Then PostgreSQL got the claim, a savepoint (a refusal keeps the claim), the handler's
+    # three statements, and the stored result with the execution log as one statement (plus
+    # BEGIN and COMMIT, which psycopg sends); the harness's publish of the event comes after the commit
+    assert until_commit(seen) == ["INSERT bus_commands", "SAVEPOINT", "SELECT users", "INSERT users", "INSERT bus_outbox",
                                   "UPDATE bus_commands + INSERT bus_executions", "COMMIT"], seen
     # and the combined statement wrote both rows
     with bus.engine().connect() as conn:

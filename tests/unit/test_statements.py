@@ -31,9 +31,10 @@ def test_a_command_is_one_transaction_of_claim_handler_result_and_log(bus_harnes
     # When its command runs once
     with statements(bus.engine()) as seen:
         bus.execution.command(bus.registry.commands[REGISTER], fields, Delivery(REGISTER, "m-1"))
-    # Then its transaction is the claim, the handler's own statements, the stored result
-    # and the execution log, in one commit (on PostgreSQL the last two are one statement)
-    assert until_commit(seen) == ["BEGIN IMMEDIATE", "INSERT bus_commands",
+    # Then its transaction is the claim, a savepoint (a domain refusal rolls back to it and
+    # keeps the claim), the handler's own statements, the stored result and the execution
+    # log, in one commit (on PostgreSQL the last two are one statement)
+    assert until_commit(seen) == ["BEGIN IMMEDIATE", "INSERT bus_commands", "SAVEPOINT",
                                   "SELECT users", "INSERT users", "INSERT bus_outbox",
                                   "UPDATE bus_commands", "INSERT bus_executions", "COMMIT"]
     # and both the result and the log were written

@@ -9,14 +9,18 @@ This module depends on pydantic only.
 """
 from __future__ import annotations
 
+import decimal
 import hashlib
 import json
 import re
+from collections import deque
 from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
+from enum import Enum
 from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 __all__ = ["Command", "CommandSender", "DomainError", "Event", "EventSink", "Message", "MessageContext",
            "snake_case"]
@@ -82,26 +86,83 @@ class Message(BaseModel):
     def payload_hash(self) -> str:
         """A stable digest of the values: equal values, equal hash, in every process.
 
-        Decimals are normalised first, so "12.5" and "12.50" are one amount (the JSON
-        payload keeps the sender's spelling, which must not make a resend a conflict).
+        It is the digest of the message as the worker sees it, rebuilt from its JSON body: the
+        caller's task id and the worker's duplicate check must agree, also where JSON changes
+        a value (an untyped field's datetime arrives as text, an untyped dict's int keys too).
+        Each value is then written one way (`_canonical`): "12.5" and "12.50" are one amount,
+        10:00Z and 12:00+02:00 one instant, and a set's order (which follows PYTHONHASHSEED)
+        does not count. The JSON payload keeps the sender's spelling.
         """
-        return payload_hash(_canonical(self.model_dump(mode="python")))
+        try:
+            received = type(self).model_validate(self.payload())
+        except ValidationError as exc:
+            raise TypeError(f"{type(self).__name__} does not validate from its own JSON body, so the worker would "
+                            f"refuse it: {exc}\nGive its fields types that JSON carries back (no strict mode for "
+                            f"datetimes, sets, Decimals...) and validators that accept what they serialise") from exc
+        return payload_hash(received.model_dump(mode="python"))
 
 
 def payload_hash(payload: dict[str, Any]) -> str:
-    """Digest of a JSON-ready payload (sorted keys, compact separators)."""
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """Digest of a payload: its values in canonical form, as JSON with sorted keys."""
+    return hashlib.sha256(_encoded(_canonical(payload)).encode()).hexdigest()
+
+
+def _encoded(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+# Decimal.normalize() rounds to the context's precision: 28 digits by default, and a process may set another
+_EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _canonical(value: Any) -> Any:
+    """`value` in JSON types, written one way per value, the same in every process.
+
+    Naive datetimes and times stay wall-clock readings, unlike any instant: the bus cannot know
+    the sender's zone, and reading them in the host's zone would make hosts disagree.
+    """
+    if value is None or type(value) in (str, int, bool):  # most values: checked first, the hash is on every send
+        return value
+    if isinstance(value, Enum):
+        return _canonical(value.value)
+    if isinstance(value, float):
+        return 0.0 if value == 0 else value  # -0.0 == 0.0; NaN and the infinities are written one way each
     if isinstance(value, Decimal):
-        return format(value.normalize(), "f")
+        if not value.is_finite():
+            return str(value)
+        return format(value.normalize(_EXACT), "f") if value else "0"  # -0 is 0
+    if isinstance(value, (datetime, time)) and value.utcoffset() is not None:
+        return str(_in_utc(value))
     if isinstance(value, dict):
-        return {k: _canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+        return _mapping(value)
+    if isinstance(value, (set, frozenset)):  # elements may be of mixed types: sort them as JSON text
+        return sorted(map(_canonical, value), key=_encoded)
+    if isinstance(value, (list, tuple, deque)):
         return [_canonical(v) for v in value]
-    return value
+    if isinstance(value, (str, int)):
+        return value
+    return str(value)  # date, naive datetime, timedelta, UUID, bytes, IP, path, URL: one str() per value
+
+
+def _in_utc(value: datetime | time) -> datetime | time | timedelta:
+    """An aware datetime in UTC; an aware time of day in UTC around the clock (01:00+02:00 is 23:00Z)."""
+    if isinstance(value, time):
+        moment = datetime.combine(date(2000, 1, 2), value.replace(tzinfo=None)) - value.utcoffset()
+        return moment.time().replace(tzinfo=timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:  # an instant in the year 0 or 10000 of UTC: its distance from the epoch
+        return value - _EPOCH
+
+
+def _mapping(value: dict) -> dict:
+    """Keys all text or all numbers are sorted by JSON as before; mixed or other keys as their JSON text."""
+    items = [(_canonical(k), _canonical(v)) for k, v in value.items()]
+    keys = [k for k, _ in items]
+    if not (all(isinstance(k, str) for k in keys) or all(isinstance(k, (int, float)) for k in keys)):
+        items = [(k if isinstance(k, str) else _encoded(k), v) for k, v in items]
+    return dict(items)
 
 
 class Command(Message):

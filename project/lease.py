@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import Any, Mapping
 
 from sqlalchemy import case, delete, or_, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from project.db import leases, utcnow
 from project.insert import dialect_module
@@ -37,18 +37,45 @@ class Lease:
         """True once nobody renewed it within its ttl."""
         return _aware(self.expires_at) <= (now or utcnow())
 
+    def remaining(self, now: datetime | None = None) -> timedelta:
+        """Time left until it expires (negative once it has)."""
+        return _aware(self.expires_at) - (now or utcnow())
+
 
 def acquire(engine: Engine, name: str, key: str, holder: str, ttl: timedelta) -> tuple[bool, Lease]:
     """Take, join or renew `name` for `key` -> (won, the lease as it stands now).
 
     Won when nobody held it, when its holders had the same `key`, or when it had expired.
     """
-    now = utcnow()
+    with engine.begin() as conn:
+        return _acquire(conn, name, key, holder, utcnow(), ttl)
+
+
+def acquire_all(engine: Engine, keys: Mapping[str, str], holder: str,
+                ttl: timedelta) -> tuple[bool, dict[str, Lease]]:
+    """Take, join or renew every lease of `keys` ({name: key}) in one transaction: all or none.
+
+    -> (True, every lease as it stands now), or (False, those held by another key) and
+    nothing changed. Names are taken in sorted order, so two callers never wait on each other in a cycle.
+    """
+    now, found, refused = utcnow(), {}, {}
+    with engine.connect() as conn, conn.begin() as transaction:
+        for name in sorted(keys):
+            won, found[name] = _acquire(conn, name, keys[name], holder, now, ttl)
+            if not won:
+                refused[name] = found[name]
+        if refused:
+            transaction.rollback()
+            return False, refused
+    return True, found
+
+
+def _acquire(conn: Connection, name: str, key: str, holder: str, now: datetime,
+             ttl: timedelta) -> tuple[bool, Lease]:
     row = {"name": name, "key": key, "holder": holder, "acquired_at": now, "renewed_at": now,
            "expires_at": now + ttl}
-    with engine.begin() as conn:
-        won = conn.execute(_acquire_statement(engine.dialect.name), row).first() is not None
-        current = conn.execute(select(leases).where(leases.c.name == name)).one()
+    won = conn.execute(_acquire_statement(conn.dialect.name), row).first() is not None
+    current = conn.execute(select(leases).where(leases.c.name == name)).one()
     return won, Lease(**current._mapping)
 
 

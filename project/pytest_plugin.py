@@ -51,11 +51,13 @@ def bus_harness(bus_harness_template: Path, tmp_path: Path) -> Iterator[Any]:
 
 @pytest.fixture
 def bus_worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    """Real workers for the boundaries named by the test's `bus_worker` marker."""
+    """Real workers for the boundaries named by the test's `bus_worker` marker (the database migrated first)."""
+    from project.migrate import upgrade
     from project.processes import start_worker
     marker = request.node.get_closest_marker("bus_worker")
     options = dict(marker.kwargs) if marker else {}
     bus = _loaded_bus()
+    upgrade(bus.settings.database_url)  # a worker refuses to start on an unmigrated database (owner leases)
     worker = start_worker(logdir=tmp_path / "workers", boundaries=list(options.get("boundaries", ())),
                           concurrency=int(options.get("concurrency", 1)), name="pytest")
     try:

@@ -1,11 +1,16 @@
-"""What a worker does at start-up, before it consumes anything.
+"""What a worker does at start-up, before it consumes anything, and while it runs.
 
 - `--boundary orders[,billing]` (repeatable) selects the queues of those boundaries;
   without it (and without `-Q`) the worker consumes every queue in the registry.
 - Every handler's dependencies must be provided.
-- Exactly one owner across processes: the running workers are asked which handler
-  serves each command queue (remote control `bus_owners`); if another handler serves
-  one of ours, this worker refuses to start. Replicas of the same handler are fine.
+- Exactly one owner across processes: the worker takes the owner lease of each command
+  queue it consumes in the bus database, in one transaction, before the pool starts
+  (project/ownership.py); if another handler holds one, it refuses to start with
+  OwnerConflict. Replicas of the same handler share the lease. While it runs, a thread
+  of its main process renews the leases every ttl/3; a queue whose lease another
+  handler took is no longer consumed.
+- It answers the remote-control query `bus_owners` (which handler serves which command
+  queue here), which `bus check` uses to list the live workers.
 """
 from __future__ import annotations
 
@@ -16,14 +21,13 @@ import click
 from celery import Celery, bootsteps
 from celery.worker.control import inspect_command
 
-from project import embedded
-from project.errors import ConfigurationError, OwnerConflict
+from project import embedded, lease, ownership
+from project.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from project.core import Bus
 
 logger = logging.getLogger(__name__)
-OWNER_QUERY_TIMEOUT = 1.0
 _buses: dict[int, "Bus"] = {}
 
 
@@ -54,24 +58,12 @@ def owned_commands(bus: "Bus", consumed: Iterable[str]) -> dict[str, str]:
     return {q: bus.registry.commands[q].handler_name for q in consumed if q in bus.registry.commands}
 
 
-def find_conflicts(mine: dict[str, str], replies: list[dict[str, Any]], me: str) -> list[str]:
-    """Descriptions of queues another worker serves with a different handler."""
-    found = []
-    for reply in replies:
-        for host, theirs in reply.items():
-            if host == me or not isinstance(theirs, dict):
-                continue
-            for queue, handler in theirs.items():
-                if queue in mine and mine[queue] != handler:
-                    found.append(f"{queue} is served by {handler} on {host}, but {me} would serve it "
-                                 f"with {mine[queue]}")
-    return found
-
-
-class BusStartup(bootsteps.Step):
-    """Select queues, check wiring and ownership; runs before the consumer starts."""
+class BusStartup(bootsteps.StartStopStep):
+    """Select queues, check wiring, take the owner leases; runs before the pool and the consumer start."""
 
     label = "celery-bus"
+    # started after the pool: its first processes fork before the heartbeat thread exists
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, worker, boundary: tuple[str, ...] = (), **options: Any) -> None:
         bus = _buses[id(worker.app)]
@@ -80,20 +72,30 @@ class BusStartup(bootsteps.Step):
         self._select_queues(worker.app, bus, boundary)
         for binding in [*bus.registry.commands.values(), *bus.registry.subscribers.values()]:
             bus.check_dependencies(binding)
-        mine = owned_commands(bus, worker.app.amqp.queues.consume_from or {})
-        if mine:
-            # On a connection of its own, closed here: on Redis a pooled one keeps the reply
-            # BRPOP in flight, and every forked pool process then hangs closing it.
-            with worker.app.connection_for_write() as connection:
-                replies = worker.app.control.broadcast("bus_owners", reply=True, timeout=OWNER_QUERY_TIMEOUT,
-                                                       connection=connection) or []
-            conflicts = find_conflicts(mine, replies, worker.hostname)
-            if conflicts:
-                raise OwnerConflict(
-                    "refusing to start: a command has exactly one owner. " + "; ".join(conflicts)
-                    + ". Stop the other worker or remove one of the bindings (see `bus check`)."
-                )
+        self.heartbeat = self._own(worker, bus, owned_commands(bus, worker.app.amqp.queues.consume_from or {}))
         super().__init__(worker, **options)
+
+    def create(self, worker) -> ownership.Heartbeat | None:
+        return self.heartbeat  # started and stopped with the worker (StartStopStep)
+
+    @staticmethod
+    def _own(worker, bus: "Bus", owned: dict[str, str]) -> ownership.Heartbeat | None:
+        """Take the owner leases of `owned` (OwnerConflict if another handler holds one); their heartbeat."""
+        ttl = ownership.lease_ttl()  # checked by every worker, also one without command queues
+        if not owned:
+            return None
+        engine = bus.engine()
+        for claimed in ownership.claim(engine, owned, worker.hostname, ttl):
+            logger.info("%s", claimed.line())
+
+        def renew(queue: str, handler: str) -> tuple[bool, lease.Lease]:
+            return lease.acquire(engine, ownership.lease_name(queue), handler, worker.hostname, ttl)
+
+        def stop_consuming(queue: str) -> None:
+            # the consumer's own loop cancels it, as Celery's remote control `cancel_consumer` does
+            worker.consumer.call_soon(worker.consumer.cancel_task_queue, queue)
+
+        return ownership.Heartbeat(renew, owned, ttl.total_seconds() / 3, stop_consuming)
 
     @staticmethod
     def _select_queues(app: Celery, bus: "Bus", boundary: tuple[str, ...]) -> None:

@@ -6,24 +6,41 @@ deterministic for the execution, so a re-run writes the same ids. After commit t
 worker publishes the rows at once (`publish`); `relay` publishes whatever a crash left
 behind, in batches, oldest first. Ordering: rows of one execution are published in the
 order they were raised; across executions and across the relay there is no order
-promise. A row may be published twice (crash between publish and mark): the
-subscribers' inbox makes that harmless.
+promise.
+
+Publishers that overlap (a worker's publish after its commit, the workers' relay thread,
+beat's relay task, `bus relay`) claim the rows they publish, so each row goes out once.
+A claim is one statement, `UPDATE .. SET published_at .. WHERE id IN (SELECT .. FOR
+UPDATE SKIP LOCKED) RETURNING ..`, in a transaction held open across the publish and
+committed after it. A failed publish rolls the mark back, and so does a crash (the
+database ends a dead connection's transaction): the row stays for the relay, nothing is
+lost. Committing the claim before publishing would free the lock sooner, but a crash
+between that commit and the publish would lose the row. On PostgreSQL another publisher
+skips the locked rows and, once the claim commits, no longer sees them; a publish after
+commit costs BEGIN, the claim and COMMIT (it was a read and a mark, each autocommitted).
+On SQLite the claim holds the write lock (BEGIN IMMEDIATE, project/db.py), so
+publishers take turns, and every other writer waits for the claim's publish: the relay
+publishes small batches there, with pauses (SQLITE_BATCH, SQLITE_PAUSE; measured in
+docs/failures.md, "The outbox relay"). The one duplicate left: a row may be published
+twice (crash between publish and commit); the subscribers' inbox makes that harmless.
 """
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from project.commands import body_of, check_route
 from project.contracts import Command, Event
-from project.db import outbox, single_statements, utcnow
+from project.db import outbox, utcnow
 from project.errors import NotACommand, WrongBoundary
 from project.headers import CAUSATION_HEADER, CORRELATION_HEADER, EVENT_ID
 from project.topology import event_exchange, named_command_queue
@@ -33,6 +50,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 EVENT_ID_NAMESPACE = uuid.UUID("0c6b2f5e-93d1-4a57-8a0b-6e3f4f1d2a77")
+#: on SQLite every writer waits for the write lock while the relay publishes a batch: the
+#: relay's largest batch there, and its pause between batches (docs/failures.md, "The outbox relay")
+SQLITE_BATCH = 100
+SQLITE_PAUSE = 0.1
 
 
 @dataclass
@@ -95,33 +116,66 @@ class BrokerPublisher:
             return
         try:
             publish(self.bus, ids)
-        except Exception:  # the rows are committed: `bus relay` / the beat relay publishes them
+        except Exception:  # the rows are committed and unclaimed again: the workers' relay publishes them
             logger.warning("publishing %d outbox row(s) failed; the relay will retry", len(ids), exc_info=True)
 
 
 def publish(bus: "Bus", ids: list[str]) -> int:
-    """Publish the outbox rows `ids` now (after their commit); the number published."""
+    """Publish the outbox rows `ids` now (after their commit) unless another publisher has; the number published."""
     if not ids:
         return 0
-    with single_statements(bus.engine()) as conn:
-        rows = conn.execute(select(outbox).where(outbox.c.id.in_(ids), outbox.c.published_at.is_(None))
-                            .order_by(outbox.c.created_at)).all()
-    return _publish_rows(bus, rows)
+    position = {row_id: n for n, row_id in enumerate(ids)}
+    return _claim_and_publish(bus, _claimable().where(outbox.c.id.in_(ids)), lambda row: position[row.id])
 
 
 def relay(bus: "Bus", batch: int = 500, grace: timedelta = timedelta(0)) -> int:
     """Publish every unpublished row older than `grace`, `batch` at a time; the number published."""
+    sqlite = bus.engine().dialect.name == "sqlite"
+    if sqlite:
+        batch = min(batch, SQLITE_BATCH)
     total = 0
     while True:
-        with single_statements(bus.engine()) as conn:
-            rows = conn.execute(select(outbox).where(outbox.c.published_at.is_(None),
-                                                     outbox.c.created_at <= utcnow() - grace)
-                                .order_by(outbox.c.created_at).limit(batch)).all()
-        if not rows:
+        oldest = (_claimable().where(outbox.c.created_at <= utcnow() - grace)
+                  .order_by(outbox.c.created_at).limit(batch))
+        count = _claim_and_publish(bus, oldest, lambda row: row.created_at)
+        total += count
+        if count < batch:  # the rest, if any, is claimed by another publisher
             return total
-        total += _publish_rows(bus, rows)
-        if len(rows) < batch:
-            return total
+        if sqlite:
+            # A writer waiting for SQLite's lock polls it, at most every 100 ms; without a
+            # gap that long the next batch takes the lock back before a waiting worker
+            # notices, and workers wait for the whole relay (measured: seconds).
+            time.sleep(SQLITE_PAUSE)
+
+
+def waiting(engine: Engine, older_than: timedelta) -> tuple[int, timedelta]:
+    """(unpublished rows committed over `older_than` ago, how long the oldest of them has waited)."""
+    now = utcnow()
+    with engine.connect() as conn:
+        count, oldest = conn.execute(select(func.count(), func.min(outbox.c.created_at))
+                                     .where(outbox.c.published_at.is_(None),
+                                            outbox.c.created_at <= now - older_than)).one()
+    if not count:
+        return 0, timedelta(0)
+    return count, now - (oldest if oldest.tzinfo else oldest.replace(tzinfo=timezone.utc))
+
+
+def _claimable() -> Select:
+    """Unpublished rows nobody is publishing (SKIP LOCKED: PostgreSQL; SQLite has one writer)."""
+    return select(outbox.c.id).where(outbox.c.published_at.is_(None)).with_for_update(skip_locked=True)
+
+
+def _claim_and_publish(bus: "Bus", claimable: Select, order: Callable[[Any], Any]) -> int:
+    """Claim the rows of `claimable`, publish them in `order`, commit the claim; the number published."""
+    claim = (update(outbox).where(outbox.c.id.in_(claimable)).values(published_at=utcnow())
+             .returning(*outbox.c))
+    with bus.engine().begin() as conn:
+        rows = sorted(conn.execute(claim).all(), key=order)
+        if rows:
+            _publish_rows(bus, rows)
+    if rows:
+        logger.debug("published %d outbox row(s)", len(rows))
+    return len(rows)
 
 
 class _NoSentEvent:
@@ -157,7 +211,7 @@ def _batched_events(channel: Any) -> Iterator[Callable[[], None]]:
         yield lambda: None
 
 
-def _publish_rows(bus: "Bus", rows: list[Any]) -> int:
+def _publish_rows(bus: "Bus", rows: list[Any]) -> None:
     app = bus.app
     # Exchange and queues of each event are built and declared with its first row of the
     # batch only: per row, that cost the relay about a fifth of its time (docs/benchmarks.md).
@@ -179,7 +233,3 @@ def _publish_rows(bus: "Bus", rows: list[Any]) -> int:
                 flush()  # the events before it go out first: the rows' order is kept
                 app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer,
                               queue=named_command_queue(row.name), headers=headers)
-    with single_statements(bus.engine()) as conn:
-        conn.execute(update(outbox).where(outbox.c.id.in_([r.id for r in rows])).values(published_at=utcnow()))
-    logger.debug("published %d outbox row(s)", len(rows))
-    return len(rows)

@@ -49,11 +49,13 @@ def opened(broker: str, database: str, tmp_path_factory: pytest.TempPathFactory,
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     """A running bus on one (broker, database) pair: a worker with 2 processes and a driver.
 
-    The worker consumes every queue of the registry (no --boundary).
+    The worker consumes every queue of the registry (no --boundary). Its outbox relay is
+    off (BUS_RELAY_INTERVAL=0): tests here leave rows in the outbox on purpose and relay
+    them themselves; the worker's relay has tests of its own (test_relay.py).
     """
     broker, database = request.param
     with opened(broker, database, tmp_path_factory, "shared") as scenario:
-        scenario.worker = scenario.start_worker(concurrency=2, name="shared")
+        scenario.worker = scenario.start_worker(concurrency=2, name="shared", env={"BUS_RELAY_INTERVAL": "0"})
         scenario.client = scenario.driver()
         yield scenario
 

@@ -2,11 +2,13 @@
 
     POST /orders   body: PlaceOrder     header Idempotency-Key (optional) -> 202 + Location
     POST /users    body: RegisterUser   header Idempotency-Key (optional) -> 202 + Location
-    GET  /commands/{id}  -> pending | succeeded (result) | failed (error) | dead-lettered; 404 unknown
+    GET  /commands/{id}  -> pending | succeeded (result) | failed (error) | dead-lettered | expired; 404 unknown
 
 The request is validated against the command's contract (422 with the field errors);
 the same Idempotency-Key with another body is refused (409); the same key and body get
-the same 202 and id. Nothing waits for a handler. Run: `bus api` or
+the same 202 and id. Nothing waits for a handler. A command last accepted longer ago
+than BUS_KEY_RETENTION with no outcome kept is `expired` (its key was purged); once its
+intake row is purged too (BUS_INTAKE_RETENTION) its id is unknown. Run: `bus api` or
 `uvicorn entrypoints.api:app`.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from handlers.messages import PlaceOrder, RegisterUser
 from project.contracts import Command
 from project.errors import IdempotencyConflict
 from project.intake import accept, state
+from project.retention import configured
 
 KEY_HEADER = Header(default=None, alias="Idempotency-Key", min_length=1, max_length=200,
                     description="Repeat a request safely: the same key and body get the same command id.")
@@ -36,7 +39,8 @@ class AcceptedBody(BaseModel):
 class StateBody(BaseModel):
     id: str
     task: str
-    status: str = Field(description="pending | succeeded | failed | dead-lettered")
+    status: str = Field(description="pending | succeeded | failed | dead-lettered | expired (accepted longer "
+                                    "ago than the key retention, no outcome kept: its key was purged)")
     result: Any = None
     error: str | None = None
 
@@ -82,7 +86,8 @@ def create_app(bus: Any = None) -> FastAPI:
              responses={404: {"model": Problem, "description": "No command with this id was accepted here."}})
     def command_state(command_id: str):
         """What became of an accepted command."""
-        found = state(the_bus(), command_id)
+        serving = the_bus()
+        found = state(serving.engine(), command_id, expire_after=configured(serving.app.conf).keys)
         if found is None:
             raise HTTPException(status_code=404, detail=f"no command {command_id} was accepted by this API")
         return StateBody(id=found.id, task=found.task, status=found.status, result=found.result, error=found.error)

@@ -5,14 +5,21 @@ same key with another payload is refused at once (409), the same key and payload
 the same id again (and are sent again: harmless, the worker's claim absorbs it, and it
 recovers a send that failed after the record), and `state` can tell a pending command
 from an unknown id. The state comes from the bus's own records: the idempotency claim
-(succeeded or failed, with the result or error), the dead-letter store, else pending.
+(succeeded or failed, with the result or error), the dead-letter store, else pending,
+or `expired` once the command was last accepted longer ago than the key retention: its
+key is purged (project/retention.py), and what became of it is no longer known. The
+intake row outlives the key (BUS_INTAKE_RETENTION >= BUS_KEY_RETENTION); once it is
+purged too, the id is unknown.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from project.commands import body_of
 from project.contracts import Command
@@ -37,35 +44,51 @@ class Accepted:
 class CommandState:
     id: str
     task: str
-    status: str  # pending | succeeded | failed | dead-lettered
+    status: str  # pending | succeeded | failed | dead-lettered | expired
     result: Any = None
     error: str | None = None
 
 
 def accept(bus: "Bus", command: Command, key: str) -> Accepted:
     """Record and send `command` under `key`; IdempotencyConflict if the key has another payload."""
-    body, task_id = body_of(command, key)
-    name, digest = command.task_name(), command.payload_hash()
+    _, task_id = body_of(command, key)
+    row = {"id": task_id, "task": command.task_name(), "key": key, "payload_hash": command.payload_hash(),
+           "payload": command.payload(), "accepted_at": utcnow()}
     with UnitOfWork(bus.engine()) as uow:
-        fresh = uow.session.execute(insert_ignore(uow.session, intake).values(
-            id=task_id, task=name, key=key, payload_hash=digest, payload=command.payload(),
-            accepted_at=utcnow()).returning(intake.c.id)).first() is not None
-        if not fresh:
-            first = uow.session.execute(select(intake).where(intake.c.task == name, intake.c.key == key)).one()
-            if first.payload_hash != digest:
-                raise IdempotencyConflict(
-                    f"Idempotency-Key {key!r} was first used for {name} with another body (fields that differ: "
-                    f"{', '.join(differing_fields(first.payload, command.payload()))}); use a new key for a "
-                    f"new request")
+        fresh = _record(uow.session, row)
         uow.commit()
     bus.send(command, idempotency_key=key)
-    return Accepted(task_id, name, duplicate=not fresh)
+    return Accepted(task_id, row["task"], duplicate=not fresh)
 
 
-def state(bus: "Bus", command_id: str) -> CommandState | None:
-    """What became of an accepted command; None if this intake never accepted `command_id`."""
-    with bus.engine().connect() as conn:
-        accepted = conn.execute(select(intake).where(intake.c.id == command_id)).first()
+def _record(session: Session, row: dict[str, Any]) -> bool:
+    """Record an acceptance; False if the key was accepted before with this payload (its time renewed)."""
+    while True:
+        if session.execute(insert_ignore(session, intake).values(**row).returning(intake.c.id)).first() is not None:
+            return True
+        first = session.execute(select(intake.c.payload_hash, intake.c.payload)
+                                .where(intake.c.task == row["task"], intake.c.key == row["key"])).first()
+        if first is None:  # purged between the two statements (PostgreSQL): record it afresh
+            continue
+        if first.payload_hash != row["payload_hash"]:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {row['key']!r} was first used for {row['task']} with another body (fields that "
+                f"differ: {', '.join(differing_fields(first.payload, row['payload']))}); use a new key for a "
+                f"new request")
+        # this send runs the command again if its key was purged: pending again, not expired
+        session.execute(update(intake).where(intake.c.id == row["id"]).values(accepted_at=row["accepted_at"]))
+        return False
+
+
+def state(engine: Engine, command_id: str, *, expire_after: timedelta) -> CommandState | None:
+    """What became of an accepted command; None if this intake never accepted `command_id`.
+
+    `expire_after` is the key retention: a command last accepted longer ago, with no
+    outcome and no dead letter, had its key purged (or never ran within it): expired.
+    """
+    with engine.connect() as conn:
+        stale = (intake.c.accepted_at < utcnow() - expire_after).label("stale")
+        accepted = conn.execute(select(intake, stale).where(intake.c.id == command_id)).first()
         if accepted is None:
             return None
         claim = conn.execute(select(commands).where(commands.c.task == accepted.task,
@@ -77,4 +100,7 @@ def state(bus: "Bus", command_id: str) -> CommandState | None:
                             .order_by(dead_letters.c.id.desc())).first()
     if dead is not None:
         return CommandState(command_id, accepted.task, "dead-lettered", error=f"{dead.reason}: {dead.error}")
+    if claim is None and accepted.stale:
+        return CommandState(command_id, accepted.task, "expired")
     return CommandState(command_id, accepted.task, "pending")
+

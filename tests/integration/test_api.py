@@ -2,7 +2,8 @@
 
 202 at once with a Location, the same key and body -> the same id, the same key with
 another body -> 409, invalid body -> 422 with field errors, GET /commands/{id} tells
-pending / succeeded / failed, 404 for unknown ids; schemathesis finds no server error.
+pending / succeeded / failed, and expired once the key is purged, 404 for unknown ids (and
+once the intake row is purged too); schemathesis finds no server error.
 """
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
+from sqlalchemy import update
+
+from project.db import commands, intake, utcnow
 
 from tests.integration.conftest import opened
 from tests.integration.helpers import free_port
@@ -112,6 +117,36 @@ def test_a_refused_command_reports_its_domain_error(api: str, uid: str):
     # Then the second command fails with the domain error
     state = wait_state(api, second.headers["location"])
     assert state["status"] == "failed" and "EmailAlreadyRegistered" in state["error"]
+
+
+def backdate(scenario: Scenario, accepted: dict, days: int) -> None:
+    """Move a command's intake row and idempotency claim `days` into the past (instead of waiting)."""
+    then = utcnow() - timedelta(days=days)
+    with scenario.engine().begin() as conn:
+        conn.execute(update(intake).where(intake.c.id == accepted["id"]).values(accepted_at=then))
+        conn.execute(update(commands).where(commands.c.message_id == accepted["id"]).values(created_at=then))
+
+
+def test_a_finished_command_whose_key_was_purged_is_expired(api: str, scenario: Scenario, uid: str):
+    # Given an order that succeeded, accepted and run 31 days ago
+    posted = httpx.post(f"{api}/orders", json={"order_id": f"o-{uid}", "customer_id": "c-1", "items": ITEMS},
+                        headers={"Idempotency-Key": f"k-{uid}"})
+    location = posted.headers["location"]
+    assert wait_state(api, location)["status"] == "succeeded"
+    backdate(scenario, posted.json(), days=31)
+    # When the keys past the key retention (30d) are purged
+    purged = scenario.bus("purge-keys", "--older-than", "30d")
+    assert purged.returncode == 0, purged.stderr
+    # Then GET /commands/{id} reports the command expired, not pending
+    assert httpx.get(api + location).json() == {"id": posted.json()["id"], "task": "orders.place_order",
+                                               "status": "expired", "result": None, "error": None}
+
+    # When its intake row passes its own retention (60d) and every table is purged
+    backdate(scenario, posted.json(), days=61)
+    purged = scenario.bus("purge")
+    assert purged.returncode == 0, purged.stderr
+    # Then the id is unknown
+    assert httpx.get(api + location).status_code == 404
 
 
 def test_an_unknown_command_id_is_404(api: str):

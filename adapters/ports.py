@@ -3,7 +3,8 @@
 The recording fakes write what they were asked into `port_calls` through the unit of
 work's session, so a recorded effect commits with the inbox claim: counting rows
 counts effects, across processes. `Flaky` makes a port fail its first N calls per key
-(BUS_FAIL_PORTS=gateway=3), to show retries.
+(BUS_FAIL_PORTS=gateway=3), to show retries, or every call of the keys that contain a
+marker (sms=always:unreachable), to show a subscriber giving up.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import smtplib
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from decimal import Decimal
 from email.message import EmailMessage
 from pathlib import Path
@@ -68,8 +70,23 @@ class RecordingSms:
         self.send = ports.send_sms
 
 
+@dataclass(frozen=True)
+class Failures:
+    """Injected failures of one port: the first `times` calls per key (None: every call), of keys containing `only`."""
+
+    times: int | None
+    only: str = ""
+
+    def __bool__(self) -> bool:
+        return self.times != 0
+
+    def hits(self, key: str) -> bool:
+        """True if calls with `key` are made to fail."""
+        return bool(self) and self.only in key
+
+
 class Flaky:
-    """Wrap a port so its first `times` calls per key raise PortUnavailable.
+    """Wrap a port so that calls whose key `failures` hits raise PortUnavailable.
 
     The key is the call's `idempotency_key`, else its arguments. The spent failures are
     counted in files under `counters` (flock-protected), not in the database: the
@@ -77,8 +94,8 @@ class Flaky:
     transaction rolls back.
     """
 
-    def __init__(self, port: object, name: str, times: int, counters: Path) -> None:
-        self.port, self.name, self.times, self.counters = port, name, times, counters
+    def __init__(self, port: object, name: str, failures: Failures, counters: Path) -> None:
+        self.port, self.name, self.failures, self.counters = port, name, failures, counters
 
     def __getattr__(self, method: str):
         call = getattr(self.port, method)
@@ -89,30 +106,39 @@ class Flaky:
         return flaky
 
     def _maybe_fail(self, key: str) -> None:
+        if not self.failures.hits(key):
+            return
+        times = self.failures.times
+        if times is None:
+            raise PortUnavailable(f"{self.name} failure injected for {key} (every call)")
         self.counters.mkdir(parents=True, exist_ok=True)
         path = self.counters / f"{self.name}-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
         with open(path, "a+") as counter:
             fcntl.flock(counter, fcntl.LOCK_EX)
             counter.seek(0)
             spent = int(counter.read() or 0)
-            if spent >= self.times:
+            if spent >= times:
                 return
             counter.seek(0)
             counter.truncate()
             counter.write(str(spent + 1))
-        raise PortUnavailable(f"{self.name} failure {spent + 1} of {self.times} injected for {key}")
+        raise PortUnavailable(f"{self.name} failure {spent + 1} of {times} injected for {key}")
 
 
-def failures_for(port: str) -> int:
-    """Injected failures per key for `port`, from BUS_FAIL_PORTS=gateway=3,mail=1."""
+def failures_for(port: str) -> Failures:
+    """Injected failures of `port`, from BUS_FAIL_PORTS=gateway=3,mail=1,sms=always:<marker>."""
     for item in filter(None, os.environ.get("BUS_FAIL_PORTS", "").split(",")):
-        name, _, times = item.partition("=")
-        if name.strip() == port:
-            try:
-                return int(times)
-            except ValueError:
-                raise ValueError(f"BUS_FAIL_PORTS item {item!r}: write port=count, e.g. gateway=3") from None
-    return 0
+        name, _, spec = item.partition("=")
+        if name.strip() != port:
+            continue
+        times, _, only = spec.strip().partition(":")
+        if times == "always":
+            return Failures(None, only)
+        if times.isdigit():
+            return Failures(int(times), only)
+        raise ValueError(f"BUS_FAIL_PORTS item {item!r}: write port=count or port=always, optionally "
+                         f"followed by :marker to fail only keys that contain it, e.g. gateway=3,sms=always:vip")
+    return Failures(0)
 
 
 class SmtpMailer:

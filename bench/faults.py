@@ -2,6 +2,7 @@
 
     python bench/faults.py --broker redis|amqp|amqp-quorum|embedded [--db sqlite|postgresql]
                            --commands N --kills K [--json] [--broker-outage] [--db-outage]
+                           [--edges [--gateway-failures 4]]
 
 What it does, on an installation of its own (a fresh Redis database, RabbitMQ vhost or
 embedded server, and a fresh SQLite file or PostgreSQL database, as the integration
@@ -21,12 +22,27 @@ tests make them; everything is removed at the end):
   server that goes down takes the worker's attempt to give its reserved messages back
   with it: they stay in Redis' unacked hash until the visibility timeout, so with
   --broker-outage on Redis the workers run with a 30 s visibility timeout unless told;
-- waits for quiescence: every expected effect there, the queues empty and the outbox
-  published; it gives up after --timeout, or when nothing moved for --stall seconds
-  while nothing waits in the broker;
-- reports what the database holds. Lost (a unique command without its effect, an event
-  without a subscriber's inbox claim) or duplicated (an effect twice: an order or a user,
-  an event per command, a charge, a mail, an SMS, an audit entry) above 0: exit 1.
+- with --edges, in the same run, the edges of the promises (see EDGE_* below):
+  the payment gateway fails the first --gateway-failures (4) calls of every charge, so
+  each charge succeeds only after more than three retries; the SMS port fails every call
+  for a share of the users (a marker in their id), so their welcome SMS exhausts its
+  policy and must be dead-lettered (`retries-exhausted`, no inbox claim); a share of the
+  registrations reuse an e-mail address registered earlier under a new user and key, to
+  be refused (EmailAlreadyRegistered, stored with the key); a share of new commands go
+  out 2-3 times back to back (same key and payload: handled at once by different pool
+  processes), and a share are followed at once by the same key with another payload
+  (a conflict: refused, dead-lettered as `conflict`, the stored payload's effect only);
+- waits for quiescence: every command finished, every event's delivery handled (or
+  dead-lettered), the queues empty and the outbox published; it gives up after --timeout,
+  or when nothing moved for --stall seconds while nothing waits in the broker;
+- reports what the database holds. Exit 1 when any of these is above 0: lost (a command
+  whose key holds neither its effect nor a refusal it deserved, an event without a
+  subscriber's inbox claim or expected dead letter), duplicated (an effect twice: an order
+  or a user, an event per command, a charge, a mail, an SMS, an audit entry), fewer kills
+  than asked, a send that failed; with --edges also: a conflicting payload applied or not refused, an e-mail registered
+  twice, a refusal not stored, a refused command whose duplicate ran the handler again
+  instead of getting the stored refusal, an exhausted delivery not dead-lettered, or
+  dead-lettered before its policy's limit, or handled.
 """
 from __future__ import annotations
 
@@ -43,7 +59,7 @@ import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -53,6 +69,28 @@ from tests.integration.scenarios import PG_ADMIN_URL, Scenario, open_scenario  #
 ITEMS = [{"sku": "book", "quantity": 2, "unit_price": "12.50"}, {"sku": "pen", "quantity": 1, "unit_price": "1.99"}]
 WORKERS = (("orders", "accounts"), ("billing", "audit"), ("notifications", "bus"))
 ORDER_PLACED, USER_CREATED, PAYMENT = "events.order_placed", "events.user_account_created", "events.payment_processed"
+PLACE_ORDER, REGISTER_USER = "orders.place_order", "accounts.register_user"
+CHARGE, WELCOME_SMS = "billing.charge_payment", "notifications.send_welcome_sms"
+#: the field that names a command's effect (its row in `orders` / `users`)
+ENTITY = {PLACE_ORDER: "order_id", REGISTER_USER: "user_id"}
+SUBSCRIBERS_PER_COMMAND = {PLACE_ORDER: 2, REGISTER_USER: 3}
+REFUSED = "handlers.accounts.EmailAlreadyRegistered"
+
+# --edges: shares of the new commands in the plan, and the failures injected into the workers
+#: sent 2-3 times back to back (same key, same payload)
+EDGE_BURSTS = 0.15
+#: followed at once by the same key with another payload (new order / user id and e-mail)
+EDGE_CONFLICTS = 0.05
+#: of the registrations: an e-mail registered at least REUSE_GAP sends earlier, new user and key
+EDGE_REUSED_EMAILS = 0.25
+#: sends between a registration and one that reuses its e-mail: two keys with one e-mail handled
+#: at the same instant race in the handler's check-then-insert (the unique index refuses the
+#: second with an IntegrityError), which is the domain's business, not the bus's promise
+REUSE_GAP = 10
+#: of the registrations: users whose every SMS fails (BUS_FAIL_PORTS sms=always:UNREACHABLE)
+EDGE_UNREACHABLE = 0.2
+UNREACHABLE = "-unreachable"
+GATEWAY_FAILURES = 4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,9 +113,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="where the run's files and logs go")
     parser.add_argument("--json", action="store_true", help="print the report as JSON only")
+    parser.add_argument("--edges", action="store_true",
+                        help="add charges failing past three retries, exhausted SMS, refused registrations, "
+                             "concurrent duplicates and conflicting payloads to the run")
+    parser.add_argument("--gateway-failures", type=int, default=None,
+                        help=f"with --edges: the gateway's injected failures per charge (default {GATEWAY_FAILURES})")
     args = parser.parse_args(argv)
     if args.commands < 1 or args.kills < 0 or not 0 <= args.duplicates < 1:
         parser.error("--commands >= 1, --kills >= 0, 0 <= --duplicates < 1")
+    if args.gateway_failures is not None and not args.edges:
+        parser.error("--gateway-failures goes with --edges; add --edges or leave it out")
+    if args.gateway_failures is not None and args.gateway_failures < 0:
+        parser.error(f"--gateway-failures {args.gateway_failures}: give a count >= 0")
+    if args.edges and args.gateway_failures is None:
+        args.gateway_failures = GATEWAY_FAILURES
     return args
 
 
@@ -87,21 +136,67 @@ def say(args: argparse.Namespace, message: str) -> None:
 
 
 # ---- the plan ----------------------------------------------------------------------------------
-def plan(n: int, duplicates: float, rng: random.Random) -> list[tuple[str, dict[str, Any], str]]:
-    """N sends: (task, fields, idempotency key); about `duplicates` of them repeat an earlier send."""
-    sends: list[tuple[str, dict[str, Any], str]] = []
+class Send(NamedTuple):
+    task: str
+    fields: dict[str, Any]
+    key: str
+
+
+def plan(n: int, duplicates: float, rng: random.Random, edges: bool = False) -> list[Send]:
+    """N sends; about `duplicates` of them repeat an earlier send; with `edges`, the EDGE_* shares too."""
+    sends: list[Send] = []
+    fresh_emails: list[tuple[int, str]] = []  # (position in sends, e-mail) of registrations with a new e-mail
     run = f"{rng.getrandbits(32):08x}"
-    for i in range(n):
+    i = 0
+    while len(sends) < n:
         if sends and rng.random() < duplicates:
             sends.append(rng.choice(sends))
-            continue
-        if rng.random() < 0.6:
+        elif rng.random() < 0.6:
             fields = {"order_id": f"o-{run}-{i}", "customer_id": f"c-{run}-{i}", "items": ITEMS}
-            sends.append(("orders.place_order", fields, f"checkout-{run}-{i}"))
+            sends += with_edges(Send(PLACE_ORDER, fields, f"checkout-{run}-{i}"), edges, rng)
         else:
-            fields = {"user_id": f"u-{run}-{i}", "email": f"u-{run}-{i}@example.com", "name": f"User {i}"}
-            sends.append(("accounts.register_user", fields, f"signup-{run}-{i}"))
-    return sends
+            user, email = f"u-{run}-{i}", f"u-{run}-{i}@example.com"
+            if edges:
+                user += UNREACHABLE if rng.random() < EDGE_UNREACHABLE else ""
+                earlier = [e for at, e in fresh_emails if at <= len(sends) - REUSE_GAP]
+                if earlier and rng.random() < EDGE_REUSED_EMAILS:
+                    email = rng.choice(earlier)
+                else:
+                    fresh_emails.append((len(sends), email))
+            fields = {"user_id": user, "email": email, "name": f"User {i}"}
+            sends += with_edges(Send(REGISTER_USER, fields, f"signup-{run}-{i}"), edges, rng)
+        i += 1
+    return sends[:n]
+
+
+def with_edges(send: Send, edges: bool, rng: random.Random) -> list[Send]:
+    """`send`, and with `edges` maybe its burst of identical copies or a conflicting payload right after it."""
+    if not edges:
+        return [send]
+    draw = rng.random()
+    if draw < EDGE_BURSTS:
+        return [send] * rng.randint(2, 3)
+    if draw < EDGE_BURSTS + EDGE_CONFLICTS:
+        other = {name: f"{value}-b" for name, value in send.fields.items() if name.endswith("_id")}
+        if "email" in send.fields:
+            other["email"] = f"{send.key}-b@example.com"
+        return [send, send._replace(fields={**send.fields, **other})]
+    return [send]
+
+
+def estimated_executions(sends: list[Send]) -> int:
+    """A lower bound of the executions the run will commit (to spread the kills over): claims and deliveries.
+
+    Every key ends as one claim; every order key publishes one OrderPlaced, whichever payload
+    wins; every e-mail of a registration key without a conflicting payload is registered once.
+    """
+    payloads: dict[tuple[str, str], set[str]] = {}
+    for send in sends:
+        payloads.setdefault((send.task, send.key), set()).add(send.fields[ENTITY[send.task]])
+    emails = {s.fields["email"] for s in sends if s.task == REGISTER_USER and len(payloads[(s.task, s.key)]) == 1}
+    orders = sum(1 for task, _ in payloads if task == PLACE_ORDER)
+    return (len(payloads) + SUBSCRIBERS_PER_COMMAND[PLACE_ORDER] * orders
+            + SUBSCRIBERS_PER_COMMAND[REGISTER_USER] * len(emails))
 
 
 # ---- faults ------------------------------------------------------------------------------------
@@ -183,10 +278,20 @@ def scalar(scenario: Scenario, sql: str, **params: Any) -> int:
     return int(scenario.rows(sql, **params)[0][0] or 0)
 
 
-def progress(scenario: Scenario) -> int:
-    """Executions committed so far: commands finished + subscriber inbox claims."""
+def progress(scenario: Scenario, subscribers: dict[str, list[str]]) -> int:
+    """Executions ended so far: commands finished, subscriber inbox claims, deliveries given up (dead-lettered)."""
+    given_up = scenario.rows("SELECT task, count(*) FROM bus_dead_letters WHERE reason = 'retries-exhausted' "
+                             "GROUP BY task")
+    handlers = {s for subs in subscribers.values() for s in subs}
     return (scalar(scenario, "SELECT count(*) FROM bus_commands WHERE status <> 'running'")
-            + scalar(scenario, "SELECT count(*) FROM bus_inbox"))
+            + scalar(scenario, "SELECT count(*) FROM bus_inbox")
+            + sum(n for task, n in given_up if task in handlers))
+
+
+def expected_executions(scenario: Scenario, keys: int, subscribers: dict[str, list[str]]) -> int:
+    """Executions the run ends with, given the events committed so far: one per key, one per (event, subscriber)."""
+    events = scenario.rows("SELECT name, count(*) FROM bus_outbox WHERE kind = 'event' GROUP BY name")
+    return keys + sum(n * len(subscribers.get(name, ())) for name, n in events)
 
 
 def queued(scenario: Scenario, queues: list[str]) -> int:
@@ -208,24 +313,113 @@ def queued(scenario: Scenario, queues: list[str]) -> int:
         client.close()
 
 
-def report(scenario: Scenario, sends: list, subscribers: dict[str, list[str]]) -> dict[str, Any]:
-    """The figures, read back from the run's database."""
-    unique = {(task, key): fields for task, fields, key in sends}
-    orders = {f["order_id"] for (task, _), f in unique.items() if task == "orders.place_order"}
-    users = {f["user_id"] for (task, _), f in unique.items() if task == "accounts.register_user"}
-    order_rows = Counter(r.order_id for r in scenario.rows("SELECT order_id FROM orders"))
-    user_rows = Counter(r.user_id for r in scenario.rows("SELECT user_id FROM users"))
+def as_json(value: Any) -> Any:
+    """A JSON column or body as Python data (SQLite hands back text, a body is bytes); None if it is not JSON."""
+    if isinstance(value, (bytes, str)):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return None
+    return value
+
+
+class DeadLetters(NamedTuple):
+    """The dead letters the checks look for, read from their bodies."""
+
+    conflicts: set[tuple[str, str, str]]  # (task, key, order or user id) of payloads refused as a conflict
+    exhausted: dict[tuple[str, str], int]  # (subscriber, event id) given up on -> attempts made
+    by_reason: dict[str, int]
+
+
+def dead_letters(scenario: Scenario) -> DeadLetters:
+    from project.contracts import IDEMPOTENCY_KEY
+    from project.headers import EVENT_ID
+    conflicts, exhausted, by_reason = set(), {}, Counter()
+    for row in scenario.rows("SELECT task, reason, body, headers FROM bus_dead_letters"):
+        by_reason[row.reason] += 1
+        body, headers = as_json(row.body) or {}, as_json(row.headers) or {}
+        if row.reason == "conflict" and row.task in ENTITY:
+            conflicts.add((row.task, body.get(IDEMPOTENCY_KEY), body.get(ENTITY[row.task])))
+        elif row.reason == "retries-exhausted" and EVENT_ID in body:
+            exhausted[(row.task, body[EVENT_ID])] = int(headers.get("retries", 0)) + 1
+    return DeadLetters(conflicts, exhausted, dict(by_reason))
+
+
+#: keys named per failing figure in the report's `examples`
+EXAMPLES = 5
+
+
+def command_figures(scenario: Scenario, sends: list[Send], dead: DeadLetters) -> tuple[Counter, dict[str, list]]:
+    """Each key against what the database holds: its effect, a refusal it deserved, or lost; conflicts; reruns.
+
+    Also a few keys of each failing figure, to look them up in the workers' logs.
+    """
+    payloads: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}  # (task, key) -> {entity id: fields}
+    for send in sends:
+        payloads.setdefault((send.task, send.key), {}).setdefault(send.fields[ENTITY[send.task]], send.fields)
+    sent = Counter((send.task, send.key, send.fields[ENTITY[send.task]]) for send in sends)
+    claims = {(r.task, r.key): r for r in scenario.rows(
+        "SELECT task, key, payload, status, error_type, duplicates FROM bus_commands")}
+    made = {PLACE_ORDER: Counter(r.order_id for r in scenario.rows("SELECT order_id FROM orders")),
+            REGISTER_USER: Counter(r.user_id for r in scenario.rows("SELECT user_id FROM users"))}
+    owner = {r.email: r.user_id for r in scenario.rows("SELECT email, user_id FROM users")}
+    figures, registered, examples = Counter(), Counter(), {}
+
+    def failing(what: str, n: int, key: str) -> None:
+        figures[what] += n
+        if n and len(examples.setdefault(what, [])) < EXAMPLES:
+            examples[what].append(key)
+
+    for (task, key), options in payloads.items():
+        claim = claims.get((task, key))
+        stored = as_json(claim.payload) if claim else next(iter(options.values()))
+        held = stored[ENTITY[task]]  # the payload the key holds (the first sent, if it holds none)
+        applied = [entity for entity in options if made[task][entity]]
+        # a registration deserves a refusal when another user holds its e-mail address
+        taken = task == REGISTER_USER and owner.get(stored["email"]) not in (None, held)
+        if claim and claim.status == "succeeded" and held in applied:
+            figures["effects"] += 1
+            if task == REGISTER_USER:
+                registered[stored["email"]] += 1
+        elif claim and claim.status == "failed" and claim.error_type == REFUSED and taken:
+            figures["refused"] += 1
+            # every send of the refused payload but the one that ran is absorbed, unless the handler ran
+            # again (a refusal that let go of its key). Not checked for successes: Celery acks a killed
+            # duplicate unrun when the result backend already holds SUCCESS for its id (the same id)
+            failing("refusals_run_again", max(0, sent[(task, key, held)] - 1 - claim.duplicates), key)
+        else:
+            failing("lost", 1, key)
+            failing("refusals_not_stored", int(taken), key)
+        figures["conflicting_keys"] += len(options) > 1
+        failing("conflicts_applied", sum(1 for entity in applied if entity != held), key)
+        failing("conflicts_not_refused", sum(1 for entity in options
+                                             if entity != held and (task, key, entity) not in dead.conflicts), key)
+    figures["keys"] = len(payloads)
+    figures["emails_registered_twice"] = sum(n - 1 for n in registered.values())
+    return figures, examples
+
+
+def report(scenario: Scenario, sends: list[Send], subscribers: dict[str, list[str]],
+           edges: dict[str, Any] | None) -> dict[str, Any]:
+    """The figures, read back from the run's database; `edges`: the --edges injection, if on."""
+    dead = dead_letters(scenario)
+    commands, examples = command_figures(scenario, sends, dead)
     events = scenario.rows("SELECT id, name, payload, published_at FROM bus_outbox WHERE kind = 'event'")
     per_command = Counter()
+    must_give_up: set[tuple[str, str]] = set()  # (subscriber, event id) whose policy must run out
     for e in events:
-        payload = json.loads(e.payload) if isinstance(e.payload, str) else e.payload
+        payload = as_json(e.payload)
         per_command[(e.name, payload.get("order_id") if e.name != USER_CREATED else payload.get("user_id"))] += 1
+        if edges and e.name == USER_CREATED and UNREACHABLE in payload["user_id"]:
+            must_give_up.add((WELCOME_SMS, e.id))
     published = Counter(e.name for e in events if e.published_at is not None)
     event_ids = {name: {e.id for e in events if e.name == name} for name in subscribers}
-    claims = scenario.rows("SELECT event_id, subscriber FROM bus_inbox")
-    deliveries = {name: {s: sum(1 for c in claims if c.subscriber == s and c.event_id in event_ids[name])
-                         for s in subs} for name, subs in subscribers.items()}
-    lost_deliveries = sum(len(event_ids[name]) - n for name, subs in deliveries.items() for n in subs.values())
+    claimed = {(c.subscriber, c.event_id) for c in scenario.rows("SELECT event_id, subscriber FROM bus_inbox")}
+    deliveries = {name: {s: sum(1 for e in event_ids[name] if (s, e) in claimed) for s in subs}
+                  for name, subs in subscribers.items()}
+    given_up = must_give_up & set(dead.exhausted)
+    lost_deliveries = sum(1 for name, subs in subscribers.items() for s in subs for e in event_ids[name]
+                          if (s, e) not in claimed and (s, e) not in given_up)
 
     def repeated(sql: str) -> int:
         return sum(max(0, r[1] - 1) for r in scenario.rows(sql))
@@ -236,14 +430,15 @@ def report(scenario: Scenario, sends: list, subscribers: dict[str, list[str]]) -
         "sms": repeated("SELECT target, count(*) FROM port_calls WHERE port = 'sms' GROUP BY target"),
         "audit entries": repeated("SELECT subject, count(*) FROM audit_log GROUP BY subject"),
     }
-    effects = sum(1 for o in orders if order_rows[o]) + sum(1 for u in users if user_rows[u])
-    duplicated = (sum(max(0, n - 1) for n in order_rows.values()) + sum(max(0, n - 1) for n in user_rows.values())
+    duplicated = (repeated("SELECT order_id, count(*) FROM orders GROUP BY order_id")
+                  + repeated("SELECT user_id, count(*) FROM users GROUP BY user_id")
                   + sum(max(0, n - 1) for n in per_command.values()))
-    return {
+    figures = {
         "commands_sent": len(sends),
-        "unique_commands": len(unique),
-        "handler_effects_committed": effects,
-        "lost_commands": len(unique) - effects,
+        "unique_commands": commands["keys"],
+        "handler_effects_committed": commands["effects"],
+        "refused_commands": commands["refused"],
+        "lost_commands": commands["lost"],
         "duplicated_effects": duplicated,
         "duplicates_absorbed": {
             "commands": scalar(scenario, "SELECT sum(duplicates) FROM bus_commands"),
@@ -254,13 +449,63 @@ def report(scenario: Scenario, sends: list, subscribers: dict[str, list[str]]) -
         "duplicated_subscriber_effects": sum(duplicated_subscriber.values()),
         "duplicated_subscriber_effects_by_kind": duplicated_subscriber,
         "gateway_charges": scalar(scenario, "SELECT count(*) FROM port_calls WHERE port = 'gateway'"),
-        "dead_letters": {r.reason: r[1] for r in scenario.rows(
-            "SELECT reason, count(*) FROM bus_dead_letters GROUP BY reason")},
+        "dead_letters": dead.by_reason,
         "unpublished_outbox_rows": scalar(scenario, "SELECT count(*) FROM bus_outbox WHERE published_at IS NULL"),
+        "examples": examples,
+    }
+    if edges:
+        figures["edges"] = edge_figures(scenario, commands, dead, must_give_up, claimed, edges)
+    return figures
+
+
+def edge_figures(scenario: Scenario, commands: Counter, dead: DeadLetters, must_give_up: set[tuple[str, str]],
+                 claimed: set[tuple[str, str]], edges: dict[str, Any]) -> dict[str, Any]:
+    """The --edges figures: charges past three retries, exhausted deliveries, refusals, conflicts.
+
+    A charge's attempts are those of the delivery that charged: a second copy of an event
+    (redelivered, or relayed while the first hand-off was under way) counts its own, so a
+    few charge after fewer attempts than the gateway's injected failures.
+    """
+    attempts = {int(n): count for n, count in scenario.rows(
+        "SELECT attempts, count(*) FROM bus_executions WHERE task = :task AND state = 'succeeded' "
+        "GROUP BY attempts", task=CHARGE)}
+    given_up = {d: dead.exhausted[d] for d in must_give_up if d in dead.exhausted}
+    return {
+        "injected": edges,
+        "charges_by_attempts": dict(sorted(attempts.items())),
+        "charges_past_three_retries": sum(n for made, n in attempts.items() if made > 4),
+        "exhausted": {
+            "subscriber": WELCOME_SMS,
+            "policy_attempts": edges["sms_attempts"],
+            "expected": len(must_give_up),
+            "dead_lettered": len(given_up),
+            "not_dead_lettered": len(must_give_up - set(given_up)),
+            "dead_lettered_early": sum(1 for n in given_up.values() if n < edges["sms_attempts"]),
+            "with_inbox_claim": len(must_give_up & claimed),
+            "by_attempts": dict(sorted(Counter(given_up.values()).items())),
+        },
+        "refusals_not_stored": commands["refusals_not_stored"],
+        "refusals_run_again": commands["refusals_run_again"],
+        "emails_registered_twice": commands["emails_registered_twice"],
+        "conflicting_keys": commands["conflicting_keys"],
+        "conflicts_dead_lettered": len(dead.conflicts),
+        "conflicts_not_refused": commands["conflicts_not_refused"],
+        "conflicts_applied": commands["conflicts_applied"],
     }
 
 
 # ---- the run -----------------------------------------------------------------------------------
+def injected_edges(args: argparse.Namespace, app: Any) -> dict[str, Any]:
+    """The failures --edges injects into the workers, checked against the subscribers' policies."""
+    charge_retries = app.tasks[CHARGE].binding.retry.max_retries
+    if args.gateway_failures > charge_retries:
+        raise SystemExit(f"--gateway-failures {args.gateway_failures}: {CHARGE} gives up after {charge_retries} "
+                         f"retries, so no charge would succeed; ask for at most {charge_retries}")
+    return {"BUS_FAIL_PORTS": f"gateway={args.gateway_failures},sms=always:{UNREACHABLE}",
+            "gateway_failures": args.gateway_failures, "charge_max_retries": charge_retries,
+            "sms_attempts": app.tasks[WELCOME_SMS].binding.retry.max_retries + 1}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="faults-"))
@@ -278,10 +523,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         subscribers = {name: sorted(q.name for q in bus.topology.subscriber_queues(name))
                        for name in (ORDER_PLACED, USER_CREATED)}
         queues = [q.name for q in bus.topology.queues()]
+        edges = injected_edges(args, app) if args.edges else None
 
         say(args, f"starting {len(WORKERS)} workers on {args.broker}/{args.db} ...")
+        worker_env = {"BUS_FAIL_PORTS": edges["BUS_FAIL_PORTS"]} if edges else {}
         workers = [scenario.start_worker(boundaries=[",".join(b)], concurrency=args.concurrency,
-                                         name=f"faults-{b[0]}", wait=False) for b in WORKERS]
+                                         name=f"faults-{b[0]}", wait=False, env=worker_env) for b in WORKERS]
         for worker in workers:
             worker.wait_ready(scenario.control, timeout=120)
 
@@ -293,9 +540,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     say(args, f"relay: {exc!r}")
         threading.Thread(target=relay_loop, daemon=True).start()
 
-        sends = plan(args.commands, args.duplicates, rng)
-        unique = {(t, k): f for t, f, k in sends}
-        expected = len(unique) + sum(2 if t == "orders.place_order" else 3 for t, _ in unique)
+        sends = plan(args.commands, args.duplicates, rng, edges=args.edges)
+        keys = len({(send.task, send.key) for send in sends})
+        estimate = estimated_executions(sends)
         send_errors: list[str] = []
 
         def send_all() -> None:
@@ -318,16 +565,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         last_value, last_move = -1, time.monotonic()
         sent_at: float | None = None
         while True:
-            done = progress(scenario)
+            done = progress(scenario, subscribers)
             if done != last_value:
                 last_value, last_move = done, time.monotonic()
-            while kills < args.kills and done >= expected * (kills + 1) / (args.kills + 1):
+            while kills < args.kills and done >= estimate * (kills + 1) / (args.kills + 1):
                 pid = kill_one(workers, rng)
                 if pid is None:
                     break
                 kills += 1
                 killed.append(pid)
-            if outage_due and done >= expected / 2:
+            if outage_due and done >= estimate / 2:
                 outage_due = False
                 if args.broker_outage:
                     faults.append(broker_outage(scenario))
@@ -339,6 +586,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     sent_at = time.monotonic()
                     say(args, f"sent {len(sends)} commands in {sent_at - started:.1f}s; waiting for quiescence")
                 waiting = queued(scenario, queues)
+                expected = expected_executions(scenario, keys, subscribers)
                 if done >= expected and kills >= args.kills and waiting == 0 and not scalar(
                         scenario, "SELECT count(*) FROM bus_outbox WHERE published_at IS NULL"):
                     break
@@ -348,13 +596,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.2)
         quiesced = time.monotonic()
         time.sleep(2.0)  # anything that should not come (a duplicate) comes now
-        figures = report(scenario, sends, subscribers)
+        figures = report(scenario, sends, subscribers, edges)
         figures["waiting_in_broker"] = queued(scenario, queues)
         figures.update(
             broker=args.broker, db=args.db, kills=kills, kills_asked=args.kills, faults=faults,
             send_errors=len(send_errors), workers=len(workers), pool_processes_per_worker=args.concurrency,
             seconds_to_send=round(sent_at - started, 1), seconds_to_quiesce=round(quiesced - sent_at, 1),
-            seconds_total=round(quiesced - started, 1), expected_executions=expected,
+            seconds_total=round(quiesced - started, 1),
+            expected_executions=expected_executions(scenario, keys, subscribers),
             settings={"task_acks_late": app.conf.task_acks_late,
                       "task_reject_on_worker_lost": app.conf.task_reject_on_worker_lost,
                       "worker_prefetch_multiplier": app.conf.worker_prefetch_multiplier,
@@ -374,6 +623,14 @@ def failed(figures: dict[str, Any]) -> list[str]:
                if figures[name]]
     if figures["kills"] < figures["kills_asked"]:
         reasons.append(f"only {figures['kills']} of {figures['kills_asked']} kills done")
+    edges = figures.get("edges")
+    if edges:
+        checks = {f"exhausted {name}": edges["exhausted"][name]
+                  for name in ("not_dead_lettered", "dead_lettered_early", "with_inbox_claim")}
+        checks.update((name, edges[name]) for name in ("emails_registered_twice", "refusals_not_stored",
+                                                       "refusals_run_again", "conflicts_not_refused",
+                                                       "conflicts_applied"))
+        reasons += [f"{name} = {value}" for name, value in checks.items() if value]
     return reasons
 
 
@@ -396,9 +653,30 @@ def show(figures: dict[str, Any]) -> None:
         ("duplicated subscriber effects", json.dumps(figures["duplicated_subscriber_effects_by_kind"])),
         ("gateway charges", figures["gateway_charges"]),
         ("dead letters by reason", json.dumps(figures["dead_letters"]) if figures["dead_letters"] else "none"),
+        ("keys of failing figures", json.dumps(figures["examples"]) if figures["examples"] else "none"),
         ("seconds to send / to quiesce / total",
          f"{figures['seconds_to_send']} / {figures['seconds_to_quiesce']} / {figures['seconds_total']}"),
     ]
+    edges = figures.get("edges")
+    if edges:
+        exhausted = edges["exhausted"]
+        rows += [
+            ("injected failures", edges["injected"]["BUS_FAIL_PORTS"]),
+            ("charges by attempts", json.dumps(edges["charges_by_attempts"])),
+            ("charges past three retries", edges["charges_past_three_retries"]),
+            (f"exhausted {exhausted['subscriber']}: expected / dead-lettered",
+             f"{exhausted['expected']} / {exhausted['dead_lettered']}"),
+            ("... not dead-lettered / early / with inbox claim",
+             " / ".join(str(exhausted[n]) for n in ("not_dead_lettered", "dead_lettered_early", "with_inbox_claim"))),
+            (f"... dead-lettered by attempts (policy: {exhausted['policy_attempts']})",
+             json.dumps(exhausted["by_attempts"])),
+            ("refused commands / refusals not stored / run again",
+             f"{figures['refused_commands']} / {edges['refusals_not_stored']} / {edges['refusals_run_again']}"),
+            ("e-mails registered twice", edges["emails_registered_twice"]),
+            ("conflicting keys / dead-lettered as conflict",
+             f"{edges['conflicting_keys']} / {edges['conflicts_dead_lettered']}"),
+            ("conflicts not refused / applied", f"{edges['conflicts_not_refused']} / {edges['conflicts_applied']}"),
+        ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")

@@ -13,7 +13,9 @@ Real brokers, databases and `celery worker` processes; every scenario is a test'
 - a pool process SIGKILLed mid-handler is redelivered at once; a whole worker SIGKILLed
   is redelivered at once on RabbitMQ, after the visibility timeout on Redis; applied once;
 - PostgreSQL connections cut while commands run: retried with backoff, applied once;
-- bench/faults.py at CI size on redis and amqp: nothing lost, nothing duplicated.
+- bench/faults.py at CI size on redis and amqp: nothing lost, nothing duplicated; with
+  --edges (charges failing past three retries, exhausted SMS, refused registrations,
+  concurrent duplicates, conflicting payloads): every exhausted delivery dead-lettered.
 """
 from __future__ import annotations
 
@@ -501,14 +503,17 @@ def test_killed_worker_processes_are_redelivered_and_applied_once(
     assert first.process.poll() is None
 
     # When the whole worker (main process and pool) is SIGKILLed mid-handler, and another
-    # starts (on Redis with a 5 s visibility timeout, swept every second)
-    visibility = 5
+    # starts (on Redis with a 9 s visibility timeout, swept every second). It serves the
+    # crash lab only: a worker refuses a visibility timeout that a retry policy of its tasks
+    # can wait out (the command policy waits up to 8 s; billing's up to 30 s).
+    visibility = 9
     job = f"worker-{uid}"
     task_id = client.delay(HOLD_JOB, job_id=job, hold=3)
     [(_, started)] = scenario.wait_for("the job to start", lambda: hold_marks(scenario, job))
     first.kill()
     second = start_worker(scenario, request, name="crash-2", concurrency=2,
-                          env={"BUS_VISIBILITY_TIMEOUT": str(visibility)})
+                          env={"BUS_VISIBILITY_TIMEOUT": str(visibility),
+                               "BUS_TASK_MODULES": "tests.integration.crash_tasks"})
     ready = time.time()
 
     # Then the job runs again and commits once: on RabbitMQ as soon as the new worker
@@ -568,20 +573,25 @@ def test_database_connections_cut_while_commands_run_are_retried_not_failed(
 
 
 # ---- the fault suite at CI size -------------------------------------------------------------------
+def run_faults(tmp_path: Path, broker: str, *options: str) -> tuple[dict[str, Any], float]:
+    """Run bench/faults.py --json with `options`: its report (it must exit 0) and the seconds it took."""
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "faults.py"), "--broker", broker, *options,
+                           "--json", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=170,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-4000:]}"
+    return json.loads(done.stdout), time.monotonic() - started
+
+
 @pytest.mark.parametrize("broker", ["redis", "amqp", "amqp-quorum"])
 def test_fault_suite_loses_and_duplicates_nothing(broker: str, tmp_path: Path):
     # Given the fault suite at CI size: 200 commands (duplicates mixed in), 5 pool kills
     require(broker)
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "faults.py"), "--broker", broker,
-                           "--commands", "200", "--kills", "5", "--json", "--workdir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=170,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    elapsed = time.monotonic() - started
+    # When it runs
+    report, elapsed = run_faults(tmp_path, broker, "--commands", "200", "--kills", "5")
     # Then it exits 0 within 90 s, after 5 kills, with every command applied once and every
     # event delivered once to each of its subscribers
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-4000:]}"
-    report = json.loads(done.stdout)
     assert report["kills"] == 5
     assert report["commands_sent"] == 200 and report["unique_commands"] < 200
     assert report["handler_effects_committed"] == report["unique_commands"]
@@ -590,3 +600,34 @@ def test_fault_suite_loses_and_duplicates_nothing(broker: str, tmp_path: Path):
     assert all(n == report["events_published"][event] for event, subs in report["deliveries"].items()
                for n in subs.values())
     assert elapsed < 90, f"the CI-size fault run took {elapsed:.0f}s"
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_fault_suite_at_the_edges_loses_nothing_and_dead_letters_every_exhausted_delivery(broker: str,
+                                                                                         tmp_path: Path):
+    # Given the fault suite's edge scenario at CI size, its plan fixed by a seed: 100 sends with bursts
+    # of identical sends, conflicting payloads and registrations reusing a taken e-mail; a gateway
+    # failing 4 times per charge; users whose every SMS fails; 3 pool kills
+    require(broker)
+    # When it runs
+    report, elapsed = run_faults(tmp_path, broker, "--edges", "--commands", "100", "--kills", "3", "--seed", "17")
+    edges, exhausted = report["edges"], report["edges"]["exhausted"]
+    # Then it exits 0 after 3 kills: no command and no delivery lost, nothing applied twice
+    assert report["kills"] == 3
+    assert report["lost_commands"] == 0 and report["lost_deliveries"] == 0
+    assert report["duplicated_effects"] == 0 and report["duplicated_subscriber_effects"] == 0
+    assert report["handler_effects_committed"] + report["refused_commands"] == report["unique_commands"]
+    # ... every order charged once, most only after more than three retries
+    assert report["gateway_charges"] == report["events_published"]["events.order_placed"] > 0
+    assert edges["charges_past_three_retries"] > report["gateway_charges"] / 2
+    # ... every SMS of an unreachable user dead-lettered after all its policy's attempts, none handled
+    assert exhausted["expected"] > 0 and exhausted["dead_lettered"] == exhausted["expected"]
+    assert exhausted["by_attempts"] == {str(exhausted["policy_attempts"]): exhausted["expected"]}
+    assert exhausted["with_inbox_claim"] == 0
+    # ... every refusal stored with its key, its duplicates refused without running again
+    assert report["refused_commands"] > 0
+    assert edges["refusals_not_stored"] == edges["refusals_run_again"] == edges["emails_registered_twice"] == 0
+    # ... every conflicting payload refused and dead-lettered, none applied
+    assert edges["conflicting_keys"] > 0 and edges["conflicts_dead_lettered"] == edges["conflicting_keys"]
+    assert edges["conflicts_not_refused"] == edges["conflicts_applied"] == 0
+    assert elapsed < 90, f"the CI-size edge run took {elapsed:.0f}s"

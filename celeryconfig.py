@@ -5,7 +5,7 @@ module; `project/settings.py` documents the environment variables.
 """
 import os
 
-from project import quorum, results
+from project import quorum, results, retention
 from project.settings import env_duration, env_int, env_switch, load, worker_concurrency as concurrency_for
 
 _settings = load()
@@ -40,7 +40,9 @@ worker_concurrency = concurrency_for(_settings.database_url)
 # connection loss). It must exceed the longest handler run plus the longest retry
 # countdown (a countdown is waited out by the worker holding the message unacked:
 # subscriber policies cap at 60 s, commands at 30 s), or a slow message runs twice
-# (harmless: the claim or the inbox absorbs it, but it costs).
+# (harmless: the claim or the inbox absorbs it, but it costs). A worker refuses to start
+# with a retry policy that can wait this long (project/retry.py check_visibility; the
+# defaults wait at most 16 s, commands 8 s).
 # A pool process killed mid-handler is redelivered at once on both brokers (its worker
 # rejects the message with requeue). A whole worker killed (SIGKILL, OOM, power) on Redis
 # leaves its messages unacked: another worker restores them once they are older than
@@ -53,6 +55,11 @@ broker_transport_options = {
     "unacked_restore_interval": env_int("BUS_UNACKED_RESTORE_INTERVAL", 5, minimum=1),
     "unacked_restore_throttle": 1,  # scan on every sweep (one ZRANGE per interval and worker)
 }
+if _settings.sentinel_master:
+    # sentinel:// (project/settings.py): kombu's transport and Celery's Sentinel result backend
+    # ask the sentinels for the master of this name, again after a failover.
+    broker_transport_options["master_name"] = _settings.sentinel_master
+    result_backend_transport_options = {"master_name": _settings.sentinel_master}
 if _settings.broker_kind == "amqp":
     # Publisher confirms: a publish returns once RabbitMQ has taken the message (on quorum
     # queues: once a majority of nodes has it), so the outbox marks a row published only then.
@@ -97,11 +104,26 @@ bus_max_message_bytes = env_int("BUS_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=0)
 # chosen with BUS_RABBITMQ_DEAD_LETTERS=off|arguments|policy (project/dlx.py; default off:
 # queue arguments break plain Celery senders, see docs/failures.md).
 
-# Idempotency keys are kept this long, then purged by beat (`bus purge-keys` by hand).
+# Idempotency keys are kept this long (a duplicate within it is absorbed), then purged by beat.
 bus_key_retention = env_duration("BUS_KEY_RETENTION", "30d")
+# Published outbox rows, inbox rows and intake rows, purged with the keys (`bus purge` by hand).
+# project/retention.py has the rules they keep (inbox and intake >= keys > the redelivery
+# window); settings that break one stop start-up naming the fix.
+bus_outbox_retention = env_duration("BUS_OUTBOX_RETENTION", "7d")
+bus_inbox_retention = env_duration("BUS_INBOX_RETENTION", bus_key_retention)
+bus_intake_retention = env_duration("BUS_INTAKE_RETENTION", retention.twice(bus_key_retention))
+retention.check(retention.Retention.parse(keys=bus_key_retention, outbox=bus_outbox_retention,
+                                          inbox=bus_inbox_retention, intake=bus_intake_retention),
+                retention.redelivery_window(broker_transport_options))
+# Every worker relays outbox rows that a crash between commit and publish left behind,
+# one worker at a time (project/relay.py): every BUS_RELAY_INTERVAL seconds (0: off, for
+# deployments that run beat or `bus relay`), rows older than BUS_RELAY_GRACE seconds
+# (younger ones are the writing worker's to publish).
+bus_relay_interval = env_int("BUS_RELAY_INTERVAL", 10, minimum=0)
+bus_relay_grace = env_int("BUS_RELAY_GRACE", 5, minimum=0)
 # Beat publishes outbox rows that a crash between commit and publish left behind, and
-# purges old keys. Run one beat per deployment: `celery -A project beat`.
+# purges every bus table past its retention. Run one beat per deployment: `celery -A project beat`.
 beat_schedule = {
     "bus-relay-outbox": {"task": "bus.relay_outbox", "schedule": 10.0, "options": {"queue": "bus.maintenance"}},
-    "bus-purge-keys": {"task": "bus.purge_keys", "schedule": 24 * 3600.0, "options": {"queue": "bus.maintenance"}},
+    "bus-purge": {"task": "bus.purge", "schedule": 24 * 3600.0, "options": {"queue": "bus.maintenance"}},
 }

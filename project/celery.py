@@ -9,13 +9,13 @@ from datetime import timedelta
 
 from celery import Celery, signals
 
-from project import conversation, dispatch, dlx, flower_auth, logs, metrics, outbox, redis_transport
+from project import conversation, dispatch, dlx, flower_auth, logs, metrics, outbox, redis_transport, relay, retention
 from project.durations import parse_duration
 from project.core import Bus
 from project.db import forget_engines
 from project.worker import install
 
-redis_transport.install()  # durable fan-out on redis:// and redis+socket:// (before any connection)
+redis_transport.install()  # durable fan-out on redis://, redis+socket:// and sentinel:// (before any connection)
 app = Celery("project")
 app.config_from_object("celeryconfig")
 app.conf.task_routes = ("project.routing.route_by_name",)
@@ -25,6 +25,7 @@ dlx.install(app)  # RabbitMQ: keep what the broker dead-letters (project/dlx.py)
 signals.before_task_publish.connect(conversation.stamp, weak=False)
 logs.install(app)  # BUS_LOG_FORMAT=json: structured worker logs (project/logs.py)
 metrics.install(app, bus)  # worker --metrics-port: Prometheus (project/metrics.py)
+relay.install(app, bus.engine, lambda grace: outbox.relay(bus, grace=grace))  # leftovers, no beat (project/relay.py)
 flower_auth.install()  # `celery -A project flower` requires authentication (project/flower_auth.py)
 
 
@@ -36,15 +37,22 @@ def _dispatch_by_queue(sender=None, instance=None, **_: object) -> None:
 
 
 @app.task(name="bus.relay_outbox", ignore_result=True)
-def relay_outbox(grace_seconds: float = 5.0) -> int:
-    """Publish outbox rows a crash left behind (scheduled by beat; see celeryconfig)."""
-    return outbox.relay(bus, grace=timedelta(seconds=grace_seconds))
+def relay_outbox(grace_seconds: float | None = None) -> int:
+    """Publish outbox rows a crash left behind (scheduled by beat; workers relay them too, project/relay.py)."""
+    grace = app.conf.bus_relay_grace if grace_seconds is None else grace_seconds
+    return outbox.relay(bus, grace=timedelta(seconds=grace))
 
 
 @app.task(name="bus.purge_keys", ignore_result=True)
 def purge_keys(older_than: str = "") -> int:
-    """Forget idempotency keys past their retention (scheduled by beat)."""
+    """Forget idempotency keys past their retention (kept for schedules that name it; beat runs bus.purge)."""
     return bus.purge_keys(parse_duration(older_than or app.conf.bus_key_retention))
+
+
+@app.task(name="bus.purge", ignore_result=True)
+def purge() -> dict[str, int]:
+    """Purge every bus table past its retention, in batches (scheduled by beat; project/retention.py)."""
+    return retention.purge(bus.engine(), retention.configured(app.conf))
 
 
 @signals.worker_process_init.connect

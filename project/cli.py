@@ -5,6 +5,7 @@ Generic commands live here; an application adds its own (the reference domain ad
 """
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import typer
@@ -14,6 +15,7 @@ from project import catalog
 from project.bench import bench
 from project.cli_dlq import dlq_cli
 from project.cli_observe import topology, trace
+from project.cli_owners import owners_cli
 from project.durations import parse_duration
 from project.up import up
 
@@ -24,6 +26,7 @@ embedded_cli = typer.Typer(help="The embedded broker under .bus/ (no servers nee
 cli.add_typer(db_cli, name="db")
 cli.add_typer(embedded_cli, name="embedded")
 cli.add_typer(dlq_cli, name="dlq")
+cli.add_typer(owners_cli, name="owners")  # project/cli_owners.py
 cli.command()(topology)  # project/cli_observe.py
 cli.command()(trace)
 cli.command()(bench)  # project/bench.py
@@ -41,12 +44,16 @@ def loaded_bus():
 
 @cli.command()
 def check(timeout: float = typer.Option(2.0, help="Seconds to wait for worker replies."),
-          strict: bool = typer.Option(False, "--strict", help="Also fail on warnings: a queue no worker consumes or nobody declared yet."),
+          strict: bool = typer.Option(False, "--strict", help="Also fail on warnings: a queue no worker consumes or nobody declared yet, an expired owner lease, rows waiting in the outbox."),
           rabbitmqctl: str = typer.Option(None, "--rabbitmqctl", help="Command that lists RabbitMQ bindings "
-                                          "(default: rabbitmqctl, when the broker is on this host).")) -> None:
+                                          "(default: rabbitmqctl, when the broker is on this host)."),
+          outbox_age: str = typer.Option("60s", "--outbox-age", help="Warn about outbox rows unpublished for "
+                                         "longer than this (e.g. 90s, 15m).")) -> None:
     """Check the running cluster and the broker: one owner per command queue, queues and bindings as declared."""
     from project.cluster import survey
     from project.drift import examine
+    from project.outbox import waiting
+    age = _duration(outbox_age, "--outbox-age")
     bus = loaded_bus()
     report = survey(bus, timeout)
     broker = examine(bus, timeout, rabbitmqctl)
@@ -55,22 +62,76 @@ def check(timeout: float = typer.Option(2.0, help="Seconds to wait for worker re
     for queue in report.unconsumed:
         console.print(f"[yellow]unconsumed[/yellow]: command queue {queue} has no running worker; "
                       f"start one: celery -A project worker --boundary {queue.split('.')[0]}")
+    for line in report.expired:
+        console.print(f"[yellow]expired[/yellow]: {line}", highlight=False)
+    stale, waited = waiting(bus.engine(), age)
+    if stale:
+        console.print(f"[yellow]outbox[/yellow]: {stale} row(s) unpublished for over {_ago(age)} (the oldest for "
+                      f"{_ago(waited)}): start a worker (it relays every BUS_RELAY_INTERVAL seconds) or run "
+                      f"`bus relay`; if one runs, its log says why it cannot publish", highlight=False)
     broker.print(console)
     console.print(f"{len(report.workers)} worker(s) answered; {len(report.conflicts)} conflict(s); "
                   f"{len(report.unconsumed)} unconsumed command queue(s)")
-    failed = report.conflicts or not broker.ok(strict) or (strict and report.unconsumed)
+    failed = report.conflicts or not broker.ok(strict) or (strict and (report.unconsumed or report.expired or stale))
     raise typer.Exit(1 if failed else 0)
 
 
 @cli.command("purge-keys")
 def purge_keys(older_than: str = typer.Option(..., "--older-than", help="e.g. 7d, 12h, 30m")) -> None:
-    """Forget idempotency keys claimed longer ago than --older-than."""
-    try:
-        age = parse_duration(older_than)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--older-than") from None
+    """Forget idempotency keys claimed longer ago than --older-than (`bus purge`: every table)."""
+    age = _duration(older_than, "--older-than")
     count = loaded_bus().purge_keys(age)
     console.print(f"forgot {count} idempotency key(s) older than {older_than}")
+
+
+def _retention_option(name: str, what: str) -> Any:
+    """An optional duration overriding one retention setting."""
+    return typer.Option(None, f"--{name}", help=f"Purge {what} older than this (default: the BUS_*_RETENTION setting).")
+
+
+@cli.command("purge")
+def purge(keys: str = _retention_option("keys", "idempotency keys and execution logs"),
+          outbox: str = _retention_option("outbox", "published outbox rows"),
+          inbox: str = _retention_option("inbox", "inbox rows"),
+          intake: str = _retention_option("intake", "intake rows"),
+          batch: int = typer.Option(1000, min=1, help="Rows deleted per transaction.")) -> None:
+    """Purge every bus table past its retention, in batches (what beat runs daily)."""
+    from dataclasses import replace
+
+    from project import retention
+    from project.errors import ConfigurationError
+    typed = {name: _duration(value, f"--{name}") for name, value in
+             {"keys": keys, "outbox": outbox, "inbox": inbox, "intake": intake}.items() if value is not None}
+    from project import bus  # reads the settings: after the arguments are checked
+    chosen = replace(retention.configured(bus.app.conf), **typed)
+    try:
+        retention.check(chosen, retention.redelivery_window(bus.app.conf.broker_transport_options),
+                        {name: f"--{name}" if name in typed else env for name, env in retention.ENV.items()})
+    except ConfigurationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    done = retention.purge(bus.engine(), chosen, batch=batch)
+    age = {name: retention.written(getattr(chosen, name)) for name in retention.ENV}
+    console.print(f"purged {done['keys']} idempotency key(s) and {done['executions']} execution log(s) older than "
+                  f"{age['keys']}, {done['outbox']} published outbox row(s) older than {age['outbox']}, "
+                  f"{done['inbox']} inbox row(s) older than {age['inbox']}, {done['intake']} intake row(s) older "
+                  f"than {age['intake']}")
+
+
+def _ago(delta: timedelta) -> str:
+    """`delta` as an operator reads it, in its largest whole unit: 90s, 10m, 3h, 2d."""
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _duration(text: str, option: str) -> timedelta:
+    """`text` as a timedelta; a usage error naming `option` and the accepted forms otherwise."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
 @cli.command()

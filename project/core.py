@@ -21,7 +21,7 @@ from celery import Celery
 from celery.result import AsyncResult
 from sqlalchemy.engine import Engine
 
-from project import embedded, idempotency, outbox, trace
+from project import embedded, outbox, retention
 from project.commands import CommandTask, body_of, check_route, run_command
 from project.contracts import Command, Event, MessageContext
 from project.db import engine_for, utcnow
@@ -153,11 +153,7 @@ class Bus:
 
     def purge_keys(self, age: timedelta) -> int:
         """Forget idempotency keys claimed (and executions logged) more than `age` ago; the number of keys."""
-        with UnitOfWork(self.engine()) as uow:
-            count = idempotency.purge(uow.session, utcnow() - age)
-            trace.purge(uow.session, utcnow() - age)
-            uow.commit()
-        return count
+        return retention.purge_keys(self.engine(), utcnow() - age)["keys"]
 
     def ensure_broker(self) -> None:
         """Start the embedded broker on first use in this process (no-op on real brokers)."""

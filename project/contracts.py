@@ -83,7 +83,7 @@ class Message(BaseModel):
         """The JSON-ready fields, as they travel in the message body."""
         return self.model_dump(mode="json")
 
-    def payload_hash(self) -> str:
+    def payload_hash(self, *, received: bool = False) -> str:
         """A stable digest of the values: equal values, equal hash, in every process.
 
         It is the digest of the message as the worker sees it, rebuilt from its JSON body: the
@@ -91,15 +91,18 @@ class Message(BaseModel):
         a value (an untyped field's datetime arrives as text, an untyped dict's int keys too).
         Each value is then written one way (`_canonical`): "12.5" and "12.50" are one amount,
         10:00Z and 12:00+02:00 one instant, and a set's order (which follows PYTHONHASHSEED)
-        does not count. The JSON payload keeps the sender's spelling.
+        does not count. The JSON payload keeps the sender's spelling. `received=True` says
+        this instance was validated from its JSON body already (the worker's): no rebuild.
         """
+        if received:
+            return payload_hash(self.model_dump(mode="python"))
         try:
-            received = type(self).model_validate(self.payload())
+            received_model = type(self).model_validate(self.payload())
         except ValidationError as exc:
             raise TypeError(f"{type(self).__name__} does not validate from its own JSON body, so the worker would "
                             f"refuse it: {exc}\nGive its fields types that JSON carries back (no strict mode for "
                             f"datetimes, sets, Decimals...) and validators that accept what they serialise") from exc
-        return payload_hash(received.model_dump(mode="python"))
+        return payload_hash(received_model.model_dump(mode="python"))
 
 
 def payload_hash(payload: dict[str, Any]) -> str:

@@ -83,6 +83,8 @@ outbox = Table(
     Column("causation_id", String(64), index=True),
     Column("created_at", DateTime(timezone=True), nullable=False, default=utcnow),
     Column("published_at", DateTime(timezone=True), index=True),
+    # a publisher's claim: until then no other publisher takes the row (project/outbox.py)
+    Column("claimed_until", DateTime(timezone=True)),
 )
 
 #: one row per (event, subscriber) that ran: a redelivered event does not run it twice

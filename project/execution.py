@@ -106,7 +106,7 @@ class Execution:
     def _command_once(self, binding, command: Command, key: str, payload: dict[str, Any],
                       delivery: Delivery) -> tuple[Executed, list[str]]:
         """Run the handler under the claim, or get the stored outcome; and the outbox ids to publish now."""
-        name, digest = binding.name, command.payload_hash()
+        name, digest = binding.name, command.payload_hash(received=True)  # validated from the message body
         with UnitOfWork(self.bus.engine()) as uow:
             for _ in range(CLAIM_ATTEMPTS):
                 if idempotency.claim(uow.session, name, key, digest, payload, delivery.message_id):

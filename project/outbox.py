@@ -10,37 +10,34 @@ promise.
 
 Publishers that overlap (a worker's publish after its commit, the workers' relay thread,
 beat's relay task, `bus relay`) claim the rows they publish, so each row goes out once.
-A claim is one statement, `UPDATE .. SET published_at .. WHERE id IN (SELECT .. FOR
-UPDATE SKIP LOCKED) RETURNING ..`, in a transaction held open across the publish and
-committed after it. A failed publish rolls the mark back, and so does a crash (the
-database ends a dead connection's transaction): the row stays for the relay, nothing is
-lost. Committing the claim before publishing would free the lock sooner, but a crash
-between that commit and the publish would lose the row. On PostgreSQL another publisher
-skips the locked rows and, once the claim commits, no longer sees them; a publish after
-commit costs BEGIN, the claim and COMMIT (it was a read and a mark, each autocommitted).
-On SQLite the claim holds the write lock (BEGIN IMMEDIATE, project/db.py), so
-publishers take turns, and every other writer waits for the claim's publish: the relay
-publishes small batches there, with pauses (SQLITE_BATCH, SQLITE_PAUSE; measured in
-docs/failures.md, "The outbox relay"). The one duplicate left: a row may be published
-twice (crash between publish and commit); the subscribers' inbox makes that harmless.
+A claim is one committed statement, `UPDATE .. SET claimed_until = now + CLAIM_TTL
+WHERE <unpublished and unclaimed> .. RETURNING ..` (on PostgreSQL its row selection
+skips rows another claim has locked); then the rows are published, then marked
+published. No lock is held while the broker takes the messages: on SQLite a claim held
+across a publish made every worker's commit wait for it (a confirmed publish to a
+quorum queue made a reader wait past its 60 s busy timeout). A failed publish gives the
+claim back at once; a crash leaves it to expire, after which the relay publishes the
+rows: nothing is lost, a crashed claim delays its rows by up to CLAIM_TTL. A publish
+after commit costs the claim and the mark, as the read and the mark did before. The one
+duplicate left: a row may be published twice (a crash between its publish and its
+mark, or a publish slower than CLAIM_TTL); the subscribers' inbox makes that harmless.
 """
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from project.commands import body_of, check_route
 from project.contracts import Command, Event
-from project.db import outbox, utcnow
+from project.db import outbox, single_statements, utcnow
 from project.errors import NotACommand, WrongBoundary
 from project.headers import CAUSATION_HEADER, CORRELATION_HEADER, EVENT_ID
 from project.topology import event_exchange, named_command_queue
@@ -50,10 +47,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 EVENT_ID_NAMESPACE = uuid.UUID("0c6b2f5e-93d1-4a57-8a0b-6e3f4f1d2a77")
-#: on SQLite every writer waits for the write lock while the relay publishes a batch: the
-#: relay's largest batch there, and its pause between batches (docs/failures.md, "The outbox relay")
-SQLITE_BATCH = 100
-SQLITE_PAUSE = 0.1
+#: how long a publisher's claim keeps other publishers off its rows (a batch publishes in about a second)
+CLAIM_TTL = timedelta(seconds=60)
 
 
 @dataclass
@@ -125,27 +120,20 @@ def publish(bus: "Bus", ids: list[str]) -> int:
     if not ids:
         return 0
     position = {row_id: n for n, row_id in enumerate(ids)}
-    return _claim_and_publish(bus, _claimable().where(outbox.c.id.in_(ids)), lambda row: position[row.id])
+    now = utcnow()
+    return _claim_and_publish(bus, _claimable(now).where(outbox.c.id.in_(ids)), now, lambda row: position[row.id])
 
 
 def relay(bus: "Bus", batch: int = 500, grace: timedelta = timedelta(0)) -> int:
     """Publish every unpublished row older than `grace`, `batch` at a time; the number published."""
-    sqlite = bus.engine().dialect.name == "sqlite"
-    if sqlite:
-        batch = min(batch, SQLITE_BATCH)
     total = 0
     while True:
-        oldest = (_claimable().where(outbox.c.created_at <= utcnow() - grace)
-                  .order_by(outbox.c.created_at).limit(batch))
-        count = _claim_and_publish(bus, oldest, lambda row: row.created_at)
+        now = utcnow()
+        oldest = _claimable(now).where(outbox.c.created_at <= now - grace).order_by(outbox.c.created_at).limit(batch)
+        count = _claim_and_publish(bus, oldest, now, lambda row: row.created_at)
         total += count
         if count < batch:  # the rest, if any, is claimed by another publisher
             return total
-        if sqlite:
-            # A writer waiting for SQLite's lock polls it, at most every 100 ms; without a
-            # gap that long the next batch takes the lock back before a waiting worker
-            # notices, and workers wait for the whole relay (measured: seconds).
-            time.sleep(SQLITE_PAUSE)
 
 
 def waiting(engine: Engine, older_than: timedelta) -> tuple[int, timedelta]:
@@ -160,21 +148,39 @@ def waiting(engine: Engine, older_than: timedelta) -> tuple[int, timedelta]:
     return count, now - (oldest if oldest.tzinfo else oldest.replace(tzinfo=timezone.utc))
 
 
-def _claimable() -> Select:
-    """Unpublished rows nobody is publishing (SKIP LOCKED: PostgreSQL; SQLite has one writer)."""
-    return select(outbox.c.id).where(outbox.c.published_at.is_(None)).with_for_update(skip_locked=True)
+def _unclaimed(now: Any) -> Any:
+    """Unpublished, and nobody's claim on it runs past `now`."""
+    return and_(outbox.c.published_at.is_(None),
+                or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < now))
 
 
-def _claim_and_publish(bus: "Bus", claimable: Select, order: Callable[[Any], Any]) -> int:
-    """Claim the rows of `claimable`, publish them in `order`, commit the claim; the number published."""
-    claim = (update(outbox).where(outbox.c.id.in_(claimable)).values(published_at=utcnow())
+def _claimable(now: Any) -> Select:
+    """The ids of rows a publisher may claim (on PostgreSQL rows locked by a claim in progress are skipped)."""
+    return select(outbox.c.id).where(_unclaimed(now)).with_for_update(skip_locked=True)
+
+
+def _claim_and_publish(bus: "Bus", claimable: Select, now: Any, order: Callable[[Any], Any]) -> int:
+    """Claim the rows of `claimable`, publish them in `order`, mark them published; the number published."""
+    until = now + CLAIM_TTL
+    # the outer condition again: PostgreSQL re-checks it on a row a concurrent claim just took
+    claim = (update(outbox).where(outbox.c.id.in_(claimable), _unclaimed(now)).values(claimed_until=until)
              .returning(*outbox.c))
-    with bus.engine().begin() as conn:
+    engine = bus.engine()
+    with single_statements(engine) as conn:
         rows = sorted(conn.execute(claim).all(), key=order)
-        if rows:
-            _publish_rows(bus, rows)
-    if rows:
-        logger.debug("published %d outbox row(s)", len(rows))
+    if not rows:
+        return 0
+    ids = [row.id for row in rows]
+    try:
+        _publish_rows(bus, rows)
+    except BaseException:
+        with single_statements(engine) as conn:  # give the claim back: the relay's next tick retries
+            conn.execute(update(outbox).where(outbox.c.id.in_(ids), outbox.c.claimed_until == until)
+                         .values(claimed_until=None))
+        raise
+    with single_statements(engine) as conn:
+        conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(published_at=utcnow()))
+    logger.debug("published %d outbox row(s)", len(rows))
     return len(rows)
 
 

@@ -1,4 +1,4 @@
-"""bus_leases (command owners, the outbox relay); bus_outbox.causation_id and bus_intake.accepted_at indexed
+"""bus_leases (command owners, the outbox relay); bus_outbox.claimed_until (publishers' claims); bus_outbox.causation_id and bus_intake.accepted_at indexed
 
 Revision ID: 0007
 Revises: 0006
@@ -25,6 +25,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('name')
     )
     with op.batch_alter_table('bus_outbox', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('claimed_until', sa.DateTime(timezone=True), nullable=True))
         batch_op.create_index(batch_op.f('ix_bus_outbox_causation_id'), ['causation_id'], unique=False)
     with op.batch_alter_table('bus_intake', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_bus_intake_accepted_at'), ['accepted_at'], unique=False)
@@ -35,4 +36,5 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_bus_intake_accepted_at'))
     with op.batch_alter_table('bus_outbox', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_bus_outbox_causation_id'))
+        batch_op.drop_column('claimed_until')
     op.drop_table('bus_leases')

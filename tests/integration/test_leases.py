@@ -13,11 +13,9 @@ from typing import Iterator
 import pytest
 from sqlalchemy.engine import Engine
 
-from project import isolation, lease
-from project.db import dispose, engine_for
-from project.migrate import upgrade
-from tests.integration.bus_services import require
-from tests.integration.scenarios import PG_ADMIN_URL
+from project import lease
+from project.db import engine_for
+from tests.databases import migrated_database
 
 pytestmark = pytest.mark.integration
 ASKERS = 8
@@ -27,19 +25,8 @@ TTL = timedelta(seconds=30)
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A fresh database of each kind at the migrations' head."""
-    cleanups: list = []
-    if request.param == "postgresql":
-        require("postgresql")
-        url = isolation.postgres_database(cleanups, PG_ADMIN_URL, prefix="bus_lease")
-    else:
-        url = f"sqlite:///{tmp_path}/bus.db"
-    try:
-        upgrade(url)
+    with migrated_database(request.param, tmp_path, prefix="bus_lease") as url:
         yield engine_for(url)
-    finally:
-        dispose(url)
-        for cleanup in reversed(cleanups):
-            cleanup()
 
 
 def ask_together(engine: Engine, keys: list[str], name: str = "owner:orders.place_order") -> list[bool]:

@@ -15,12 +15,10 @@ from typing import Iterator
 import pytest
 from sqlalchemy.engine import Engine
 
-from project import isolation, lease, ownership
-from project.db import dispose, engine_for
+from project import lease, ownership
+from project.db import engine_for
 from project.errors import OwnerConflict
-from project.migrate import upgrade
-from tests.integration.bus_services import require
-from tests.integration.scenarios import PG_ADMIN_URL
+from tests.databases import migrated_database
 
 pytestmark = pytest.mark.integration
 ASKERS = 6
@@ -31,19 +29,8 @@ TTL = timedelta(seconds=30)
 @pytest.fixture(params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A fresh database of each kind at the migrations' head."""
-    cleanups: list = []
-    if request.param == "postgresql":
-        require("postgresql")
-        url = isolation.postgres_database(cleanups, PG_ADMIN_URL, prefix="bus_owner")
-    else:
-        url = f"sqlite:///{tmp_path}/bus.db"
-    try:
-        upgrade(url)
+    with migrated_database(request.param, tmp_path, prefix="bus_owner") as url:
         yield engine_for(url)
-    finally:
-        dispose(url)
-        for cleanup in reversed(cleanups):
-            cleanup()
 
 
 def claim_together(engine: Engine) -> list[object]:

@@ -15,13 +15,12 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import OperationalError
 
 from handlers.messages import UserAccountCreated
-from project import db, isolation
+from project import db
 from project.db import commands, executions, inbox
 from project.execution import Delivery
 from project.headers import EVENT_ID
-from project.migrate import upgrade
 from project.uow import UnitOfWork
-from tests.integration.bus_services import require
+from tests.databases import migrated_database
 from tests.integration.scenarios import PG_ADMIN_URL
 from tests.statements import statements, until_commit
 
@@ -31,17 +30,10 @@ WELCOME = "notifications.send_welcome_email"
 
 
 @pytest.fixture(scope="module")
-def database_url() -> Iterator[str]:
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A fresh PostgreSQL database at the migrations' head."""
-    require("postgresql")
-    cleanups: list = []
-    try:
-        url = isolation.postgres_database(cleanups, PG_ADMIN_URL)
-        upgrade(url)
+    with migrated_database("postgresql", tmp_path_factory.mktemp("round-trips")) as url:
         yield url
-    finally:
-        for step in reversed(cleanups):
-            step()
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ dir {dir}
 logfile {dir}/sentinel.log
 sentinel monitor {master_name} 127.0.0.1 {master_port} 1
 sentinel down-after-milliseconds {master_name} 1000
+sentinel failover-timeout {master_name} 10000
 """
 
 
@@ -115,8 +116,13 @@ class Servers:
             for process in self.processes:
                 if process is not self.master_process:  # the only one a test may kill
                     assert process.poll() is None, f"{process.args} exited with {process.returncode} ({self.home})"
-            assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what} ({self.home})"
+            assert time.monotonic() < deadline, (f"timed out after {timeout}s waiting for {what} ({self.home})\n"
+                                                 f"sentinel.log:\n{self.log_tail()}")
             time.sleep(0.1)
+
+    def log_tail(self, lines: int = 30) -> str:
+        log = self.home / "sentinel.log"
+        return "\n".join(log.read_text().splitlines()[-lines:]) if log.exists() else "(none)"
 
     def kill_master(self) -> None:
         """SIGKILL the first master (as a crash or power loss would end it)."""
@@ -237,8 +243,9 @@ def test_after_a_failover_commands_and_durable_fan_out_go_to_the_new_master(
         # When the master dies, and the sentinel fails over to the replica
         servers.kill_master()
         # (until then a client finds no master: `.delay()` raises OperationalError, a worker retries)
+        # (a failover that aborts is tried again after 2 x failover-timeout: 20 s here)
         servers.wait("the sentinel to name the replica as a master in good state",
-                     lambda: servers.discover_master() == servers.replica_port)
+                     lambda: servers.discover_master() == servers.replica_port, timeout=75)
 
         # Then a command sent now round-trips through the new master
         result = scenario.client.get(scenario.client.delay(PLACE_ORDER, idempotency_key=f"checkout-{uid}-2",

@@ -25,15 +25,13 @@ from sqlalchemy import event, select, text, update
 from sqlalchemy.engine import Engine
 
 from handlers.messages import OrderPlaced, PlaceOrder
+from project import idempotency
 from project.contracts import DomainError
-from project import idempotency, isolation
 from project.core import Bus
-from project.db import commands, dead_letters, dispose, executions, outbox, utcnow
+from project.db import commands, dead_letters, executions, outbox, utcnow
 from project.execution import Delivery, Executed
-from project.migrate import upgrade
 from project.uow import UnitOfWork
-from tests.integration.bus_services import require
-from tests.integration.scenarios import PG_ADMIN_URL
+from tests.databases import migrated_database
 from tests.statements import statements
 
 TASK = "orders.place_order"
@@ -183,19 +181,8 @@ class RecordingPublisher:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     """The URL of a fresh database at the migrations' head: a SQLite file, or a PostgreSQL database of its own."""
-    cleanups: list = []
-    try:
-        if request.param == "sqlite":
-            url = f"sqlite:///{tmp_path}/bus.db"
-            cleanups.append(lambda: dispose(url))
-        else:
-            require("postgresql")
-            url = isolation.postgres_database(cleanups, PG_ADMIN_URL)
-        upgrade(url)
+    with migrated_database(request.param, tmp_path) as url:
         yield url
-    finally:
-        for step in reversed(cleanups):
-            step()
 
 
 class OrderRefused(DomainError):

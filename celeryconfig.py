@@ -122,7 +122,7 @@ retention.check(retention.Retention.parse(keys=bus_key_retention, outbox=bus_out
 bus_relay_interval = env_int("BUS_RELAY_INTERVAL", 10, minimum=0)
 bus_relay_grace = env_int("BUS_RELAY_GRACE", 5, minimum=0)
 # Beat publishes outbox rows that a crash between commit and publish left behind, and
-# purges every bus table past its retention. Run one beat per deployment: `celery -A project beat`.
+# purges the bus tables past their retention (dead letters stay until `bus dlq purge`). Run one beat per deployment: `celery -A project beat`.
 beat_schedule = {
     "bus-relay-outbox": {"task": "bus.relay_outbox", "schedule": 10.0, "options": {"queue": "bus.maintenance"}},
     "bus-purge": {"task": "bus.purge", "schedule": 24 * 3600.0, "options": {"queue": "bus.maintenance"}},

@@ -51,7 +51,7 @@ def purge_keys(older_than: str = "") -> int:
 
 @app.task(name="bus.purge", ignore_result=True)
 def purge() -> dict[str, int]:
-    """Purge every bus table past its retention, in batches (scheduled by beat; project/retention.py)."""
+    """Purge the bus tables past their retention (dead letters excepted), in batches (scheduled by beat; project/retention.py)."""
     return retention.purge(bus.engine(), retention.configured(app.conf))
 
 

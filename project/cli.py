@@ -78,7 +78,7 @@ def check(timeout: float = typer.Option(2.0, help="Seconds to wait for worker re
 
 @cli.command("purge-keys")
 def purge_keys(older_than: str = typer.Option(..., "--older-than", help="e.g. 7d, 12h, 30m")) -> None:
-    """Forget idempotency keys claimed longer ago than --older-than (`bus purge`: every table)."""
+    """Forget idempotency keys claimed longer ago than --older-than (`bus purge`: every retention)."""
     age = _duration(older_than, "--older-than")
     count = loaded_bus().purge_keys(age)
     console.print(f"forgot {count} idempotency key(s) older than {older_than}")
@@ -95,7 +95,7 @@ def purge(keys: str = _retention_option("keys", "idempotency keys and execution 
           inbox: str = _retention_option("inbox", "inbox rows"),
           intake: str = _retention_option("intake", "intake rows"),
           batch: int = typer.Option(1000, min=1, help="Rows deleted per transaction.")) -> None:
-    """Purge every bus table past its retention, in batches (what beat runs daily)."""
+    """Purge keys, logs, published outbox, inbox and intake rows past their retention, in batches (what beat runs daily); dead letters stay until `bus dlq purge`."""
     from dataclasses import replace
 
     from project import retention

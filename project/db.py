@@ -148,6 +148,16 @@ _lock = threading.Lock()
 _pid = os.getpid()
 
 
+def _after_fork_in_child() -> None:
+    """A fresh lock in a forked child: a thread of the parent (the outbox relay, the owner
+    heartbeat) may have held it at the fork, and a held copy would block the child forever."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def engine_for(url: str) -> Engine:
     """The engine of this process for `url` (created on first use)."""
     global _pid

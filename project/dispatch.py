@@ -30,8 +30,9 @@ Retries: ``Task.retry()`` re-publishes with the delivery's exchange and routing 
 a fanned-out copy's retry reaches every subscriber again (or, if the event was
 published with an empty routing key, ends in the default queue ``celery``). A retried
 message came through the default exchange, and Celery's default for that is
-``queue=<routing key>``, i.e. that queue's own exchange: the fanout again. So pass
-``**own_queue(queue)`` to every ``retry()`` of a subscriber (see :func:`own_queue`).
+``queue=<routing key>``, i.e. that queue's own exchange: the fanout again. So every
+bus task passes ``**own_queue(queue)`` to its ``retry()`` (``BusTask.retry_options``;
+a command on quorum queues needs it too, see :func:`own_queue`).
 """
 from __future__ import annotations
 

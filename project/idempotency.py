@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -101,7 +100,3 @@ def differing_fields(first: dict[str, Any], second: dict[str, Any]) -> list[str]
     """The fields whose values differ between two payloads."""
     return sorted(k for k in first.keys() | second.keys() if first.get(k) != second.get(k))
 
-
-def purge(session: Session, older_than: datetime) -> int:
-    """Forget keys claimed before `older_than` (a datetime); the number forgotten."""
-    return session.execute(delete(commands).where(commands.c.created_at < older_than)).rowcount

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,9 @@ from project.uow import UnitOfWork
 
 if TYPE_CHECKING:
     from project.core import Bus
+
+#: records of one acceptance: an intake row purged while a send was being accepted is recorded again
+RECORD_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,9 @@ def accept(bus: "Bus", command: Command, key: str) -> Accepted:
 
 
 def _record(session: Session, row: dict[str, Any]) -> bool:
-    """Record an acceptance; False if the key was accepted before with this payload (its time renewed)."""
-    while True:
+    """Record an acceptance; False if the key was accepted before with this payload (its time renewed
+    when no claim holds the key, so that this send, which runs the command again, reads pending)."""
+    for _ in range(RECORD_ATTEMPTS):
         if session.execute(insert_ignore(session, intake).values(**row).returning(intake.c.id)).first() is not None:
             return True
         first = session.execute(select(intake.c.payload_hash, intake.c.payload)
@@ -75,9 +79,13 @@ def _record(session: Session, row: dict[str, Any]) -> bool:
                 f"Idempotency-Key {row['key']!r} was first used for {row['task']} with another body (fields that "
                 f"differ: {', '.join(differing_fields(first.payload, row['payload']))}); use a new key for a "
                 f"new request")
-        # this send runs the command again if its key was purged: pending again, not expired
-        session.execute(update(intake).where(intake.c.id == row["id"]).values(accepted_at=row["accepted_at"]))
+        # this send runs the command again if its key was purged: pending again, not expired;
+        # while a claim holds the key the send is absorbed, and the first acceptance's age stands
+        claimed = exists().where(commands.c.task == row["task"], commands.c.key == row["key"])
+        session.execute(update(intake).where(intake.c.id == row["id"], ~claimed).values(accepted_at=row["accepted_at"]))
         return False
+    raise RuntimeError(f"{row['task']} key {row['key']!r}: its intake record was purged {RECORD_ATTEMPTS} times while "
+                       f"it was being accepted; keep BUS_INTAKE_RETENTION longer than clients may resend")
 
 
 def state(engine: Engine, command_id: str, *, expire_after: timedelta) -> CommandState | None:

@@ -11,7 +11,7 @@ the ttl.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from functools import cache
 from typing import Any, Mapping
 
@@ -110,5 +110,5 @@ def _acquire_statement(dialect_name: str) -> Any:
 
 
 def _aware(moment: datetime) -> datetime:
-    """SQLite gives datetimes back without their zone; they were stored as UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=utcnow().tzinfo)
+    """In UTC: SQLite gives datetimes back without their zone (stored as UTC), PostgreSQL in the session's zone."""
+    return moment.astimezone(timezone.utc) if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

@@ -17,7 +17,7 @@ import re
 import textwrap
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from project.contracts import Command, Event
+from project.contracts import Command
 from project.topology import known_events
 
 if TYPE_CHECKING:

@@ -111,7 +111,7 @@ class BrokerPublisher:
             return
         try:
             publish(self.bus, ids)
-        except Exception:  # the rows are committed and unclaimed again: the workers' relay publishes them
+        except Exception:  # the claim was given back (or, if only the mark failed, expires): the relay publishes them
             logger.warning("publishing %d outbox row(s) failed; the relay will retry", len(ids), exc_info=True)
 
 

@@ -144,8 +144,9 @@ def examine(bound: Mapping[str, str], held: list[Lease], now: datetime | None = 
     for current in held:
         queue = queue_of(current)
         if current.expired(now):
-            expired.append(f"owner lease of {queue}: {describe(current, now)}; no worker renews it, "
-                           f"the next worker to start for {queue} takes it over")
+            expired.append(f"owner lease of {queue}: {describe(current, now)}; no worker renews it: the next worker "
+                           f"to start for {queue} takes it over, or `bus owners release {queue}` removes it"
+                           + ("" if queue in bound else f" ({queue} is not in this registry: release it)"))
         elif queue in bound and current.key != bound[queue]:
             conflicts.append(f"{queue}: the owner lease names {describe(current, now)}, but this registry binds "
                              f"{bound[queue]}; stop those workers, or `bus owners release {queue}` once they are")

@@ -70,14 +70,20 @@ class Backoff:
         return f"Backoff(max_retries={self.max_retries}, base={self.base:g}, cap={self.cap:g})"
 
 
-def check_visibility(name: str, policy: Backoff, visibility_timeout: float | None) -> None:
-    """Refuse `policy` of task `name` if a retry can wait as long as `visibility_timeout` (None: no such timeout)."""
+def check_visibility(name: str, policy: Backoff, visibility_timeout: float | None, other_wait: float = 0.0) -> None:
+    """Refuse `policy` of task `name` if a retry can wait as long as `visibility_timeout` (None: no such timeout).
+
+    `other_wait`: the longest wait of a retry the policy does not decide (the bus's own,
+    e.g. while the dead-letter store is down).
+    """
     if visibility_timeout is None:
         return
-    longest = policy.longest_delay()
+    longest = max(policy.longest_delay(), other_wait)
     if longest >= visibility_timeout:
+        own = (f" (and the bus retries a message whose dead letter the store could not take after {other_wait:g} s)"
+               if other_wait else "")
         raise ConfigurationError(
-            f"{name}: its retry policy {policy} can wait {longest:g} s before a retry, but the broker hands an "
+            f"{name}: its retry policy {policy}{own} can wait {longest:g} s before a retry, but the broker hands an "
             f"unacknowledged message back after {visibility_timeout:g} s (Redis visibility timeout): a retry "
             f"waiting that long would run twice. Lower the policy's cap (or max_retries) so it waits less than "
             f"{visibility_timeout:g} s, or raise BUS_VISIBILITY_TIMEOUT above {longest:g} s plus the handler's "

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 
 from project.dispatch import own_queue
-from project.execution import Delivery, RetryLater
+from project.execution import STORE_RETRY_DELAY, Delivery, RetryLater
 from project.headers import CORRELATION_HEADER, header
 from project.retry import Backoff, check_visibility
 
@@ -43,12 +43,13 @@ class BusTask(Task):
     @classmethod
     def retry_policy(cls) -> Backoff:
         """The policy this task's failures are retried by."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{cls.__name__} is not a bus task base: bind handlers with bus.command(...) "
+                                  f"or bus.subscriber(...), whose task classes say their retry policy")
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
         """Refuse, as the app binds this task (a worker at start), a policy its broker would run twice."""
-        check_visibility(cls.name, cls.retry_policy(), visibility_timeout(app))
+        check_visibility(cls.name, cls.retry_policy(), visibility_timeout(app), other_wait=STORE_RETRY_DELAY)
 
     def delivery(self) -> Delivery:
         """This message, as the execution sees it."""

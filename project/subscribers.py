@@ -21,11 +21,6 @@ class SubscriberTask(BusTask):
     ignore_result = True  # results of events are not awaited by anyone
     throws = (InvalidMessage,)
 
-    @property
-    def policy(self) -> Backoff:
-        """This subscriber's retry policy (its own, or the bus's default)."""
-        return self.binding.retry
-
     @classmethod
     def retry_policy(cls) -> Backoff:
         """This subscriber's retry policy, read from the class (as Celery binds it)."""

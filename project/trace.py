@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Iterable
 from sqlalchemy import Insert, bindparam, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session
 
 from project.db import Write, commands, dead_letters, executions, inbox, intake, outbox, utcnow
 
@@ -59,11 +58,6 @@ def failed(engine: Engine, binding: Any, delivery: "Delivery", exc: BaseExceptio
     except Exception:  # the outcome is decided; the log is a convenience
         logger.warning("could not log the failed attempt of %s %s", binding.name, delivery.message_id,
                        exc_info=True)
-
-
-def purge(session: Session, older_than: datetime) -> int:
-    """Forget executions that finished before `older_than`; the number forgotten."""
-    return session.execute(executions.delete().where(executions.c.finished_at < older_than)).rowcount
 
 
 def _row(binding: Any, delivery: "Delivery", event_id: str | None, state: str, error: str | None) -> dict:

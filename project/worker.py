@@ -116,7 +116,7 @@ class BusStartup(bootsteps.StartStopStep):
 
 @inspect_command()
 def bus_owners(state) -> dict[str, str]:
-    """{command queue: handler} this worker serves (for the one-owner check)."""
+    """{command queue: handler} this worker serves (`bus check`'s survey of live workers; the owner lease decides)."""
     app = state.consumer.app
     bus = _buses.get(id(app))
     if bus is None:

@@ -29,9 +29,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from project import idempotency
+from project import retention
 from project.db import utcnow
-from project.uow import UnitOfWork
 from tests.integration.conftest import opened
 from tests.integration.scenarios import RemoteError, Scenario
 
@@ -310,9 +309,7 @@ def test_keys_purged_while_duplicates_arrive_are_claimed_again_never_dead_letter
 
     def purge() -> None:
         while not stop.wait(0.01):
-            with UnitOfWork(lab.engine()) as uow:
-                purged.append(idempotency.purge(uow.session, utcnow()))
-                uow.commit()
+            purged.append(retention.purge_keys(lab.engine(), utcnow())["keys"])
 
     purger = threading.Thread(target=purge, daemon=True)
     purger.start()

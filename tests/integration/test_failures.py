@@ -503,10 +503,11 @@ def test_killed_worker_processes_are_redelivered_and_applied_once(
     assert first.process.poll() is None
 
     # When the whole worker (main process and pool) is SIGKILLed mid-handler, and another
-    # starts (on Redis with a 9 s visibility timeout, swept every second). It serves the
-    # crash lab only: a worker refuses a visibility timeout that a retry policy of its tasks
-    # can wait out (the command policy waits up to 8 s; billing's up to 30 s).
-    visibility = 9
+    # starts (on Redis with an 11 s visibility timeout, swept every second). It serves the
+    # crash lab only: a worker refuses a visibility timeout that a retry of its tasks can
+    # wait out (the command policy waits up to 8 s, billing's up to 30 s, and a message
+    # whose dead letter the store could not take is retried after 10 s).
+    visibility = 11
     job = f"worker-{uid}"
     task_id = client.delay(HOLD_JOB, job_id=job, hold=3)
     [(_, started)] = scenario.wait_for("the job to start", lambda: hold_marks(scenario, job))

@@ -1,11 +1,11 @@
-"""Leases (project/lease.py) on real databases: askers at the same instant cannot both win.
+"""Leases (project/lease.py, project/ownership.py) on real databases: askers at the same instant cannot both win.
 
 The owner of a command queue and the outbox relay rest on this: PostgreSQL and SQLite,
 with threads that ask at one barrier, each on its own connection.
 """
 from __future__ import annotations
 
-import threading
+import random
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
@@ -13,13 +13,18 @@ from typing import Iterator
 import pytest
 from sqlalchemy.engine import Engine
 
-from project import lease
+from project import lease, ownership
 from project.db import engine_for
+from project.errors import OwnerConflict
 from tests.databases import migrated_database
+from tests.together import at_one_instant
 
 pytestmark = pytest.mark.integration
 ASKERS = 8
 TTL = timedelta(seconds=30)
+#: owner leases: askers listing the same queues, each in its own order, must neither deadlock nor split them
+OWNER_ASKERS = 6
+QUEUES = ["accounts.register_user", "billing.refund", "orders.cancel_order", "orders.place_order"]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -31,18 +36,7 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
 
 def ask_together(engine: Engine, keys: list[str], name: str = "owner:orders.place_order") -> list[bool]:
     """Every key asks for `name` at the same instant, each from its own thread; who won."""
-    barrier, won = threading.Barrier(len(keys)), [False] * len(keys)
-
-    def ask(n: int) -> None:
-        barrier.wait()
-        won[n] = lease.acquire(engine, name, keys[n], holder=f"worker-{n}", ttl=TTL)[0]
-
-    threads = [threading.Thread(target=ask, args=(n,)) for n in range(len(keys))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return won
+    return at_one_instant(len(keys), lambda n: lease.acquire(engine, name, keys[n], holder=f"worker-{n}", ttl=TTL)[0])
 
 
 def test_askers_with_different_keys_at_one_instant_one_wins(engine):
@@ -93,3 +87,28 @@ def test_release_with_the_wrong_key_keeps_the_lease(engine):
     # Then only the right key released it
     assert (wrong, right) == (False, True)
     assert lease.listing(engine) == []
+
+
+# ---- owner leases: a worker claims all its command queues in one transaction ---------------------
+def claim_together(engine: Engine) -> list[object]:
+    """Every one of six askers claims all QUEUES (in its own order, with its own handler) at one instant; what each got."""
+    def ask(n: int) -> object:
+        order = random.Random(n).sample(QUEUES, len(QUEUES))
+        return ownership.claim(engine, {q: f"handler-{n}" for q in order}, f"worker-{n}@h", TTL)
+
+    return at_one_instant(OWNER_ASKERS, ask)
+
+
+def test_workers_claiming_the_same_queues_at_once_one_gets_all_and_nobody_deadlocks(engine):
+    # Given no owner leases
+    # When six workers with six handlers claim the same four queues at one instant, each in its own order
+    outcome = claim_together(engine)
+
+    # Then exactly one started; every other one was refused with OwnerConflict (no deadlock, no other error)
+    winners = [n for n, got in enumerate(outcome) if isinstance(got, list)]
+    assert len(winners) == 1, outcome
+    assert all(isinstance(got, OwnerConflict) for n, got in enumerate(outcome) if n != winners[0]), outcome
+    # and every lease names the winner: none of the losers left one behind
+    winner = winners[0]
+    assert {(h.name, h.key, h.holder) for h in lease.listing(engine, ownership.PREFIX)} == {
+        (ownership.lease_name(q), f"handler-{winner}", f"worker-{winner}@h") for q in QUEUES}

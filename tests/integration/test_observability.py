@@ -15,7 +15,7 @@ import re
 import time
 import urllib.request
 import uuid
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families

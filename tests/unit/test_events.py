@@ -214,11 +214,15 @@ def test_only_durable_event_fanouts_are_pushed_into_every_bound_queue(exchange, 
 
 
 # ---- the subscriber retry policy ---------------------------------------------------------------
+def bound_task(binding) -> type[SubscriberTask]:
+    """A subscriber task class bound to `binding`, as the bus makes one (the policy is read from the class)."""
+    return type("BoundSubscriber", (SubscriberTask,), {"binding": binding})
+
+
 def test_default_subscriber_policy_gives_up_after_five_retries():
     # Given a subscriber bound without a policy of its own
-    task = SubscriberTask()
-    task.binding = Registry().add_subscriber(OrderPlaced, notifications.send_order_confirmation, "notifications")
-    policy = task.policy
+    task = bound_task(Registry().add_subscriber(OrderPlaced, notifications.send_order_confirmation, "notifications"))
+    policy = task.retry_policy()
     # Then it has the default policy: a failure is retried after attempts 1..5, the 6th is final
     assert policy is DEFAULT_SUBSCRIBER_POLICY
     failure = ConnectionError("smtp down")
@@ -241,11 +245,10 @@ def test_default_subscriber_policy_dead_letters_within_31_seconds():
 
 
 def test_a_subscriber_policy_of_its_own_replaces_the_default():
-    task = SubscriberTask()
-    task.binding = Registry().add_subscriber(OrderPlaced, billing.charge_payment, "billing",
-                                             retry=Backoff(max_retries=8, base=0.5, cap=30.0))
-    assert task.policy.max_retries == 8
-    assert [task.policy.should_retry(TimeoutError(), n) for n in (7, 8)] == [True, False]
+    task = bound_task(Registry().add_subscriber(OrderPlaced, billing.charge_payment, "billing",
+                                                retry=Backoff(max_retries=8, base=0.5, cap=30.0)))
+    assert task.retry_policy().max_retries == 8
+    assert [task.retry_policy().should_retry(TimeoutError(), n) for n in (7, 8)] == [True, False]
 
 
 @pytest.mark.parametrize("payload", [

@@ -25,7 +25,7 @@ from sqlalchemy import event, select, text, update
 from sqlalchemy.engine import Engine
 
 from handlers.messages import OrderPlaced, PlaceOrder
-from project import idempotency
+from project import idempotency, retention
 from project.contracts import DomainError
 from project.core import Bus
 from project.db import commands, dead_letters, executions, outbox, utcnow
@@ -152,9 +152,7 @@ def test_purge_forgets_keys_claimed_before_the_given_time(engine):
     claim(engine, key="new")
     with engine.begin() as conn:
         conn.execute(update(commands).where(commands.c.key == "old").values(created_at=utcnow() - timedelta(days=8)))
-    with UnitOfWork(engine) as uow:
-        assert idempotency.purge(uow.session, utcnow() - timedelta(days=7)) == 1
-        uow.commit()
+    assert retention.purge_keys(engine, utcnow() - timedelta(days=7))["keys"] == 1
     with engine.connect() as conn:
         assert set(conn.execute(select(commands.c.key)).scalars()) == {"new"}
     # a forgotten key can be claimed again
@@ -250,9 +248,7 @@ def purge_before_reading_the_claim(engine: Engine) -> Iterator[list[str]]:
         if engine.dialect.name == "sqlite":
             cursor.connection.execute("DELETE FROM bus_commands")
         else:
-            with UnitOfWork(engine) as uow:
-                idempotency.purge(uow.session, utcnow())
-                uow.commit()
+            retention.purge_keys(engine, utcnow())
         purged.append(statement)
 
     event.listen(engine, "before_cursor_execute", before)

@@ -122,3 +122,14 @@ def test_the_same_key_with_another_body_is_still_a_conflict(bus: RecordingBus, e
 
 def test_an_id_this_intake_never_accepted_is_unknown(engine: Engine):
     assert state_of(engine, "no-such-command") is None
+
+
+def test_a_resend_absorbed_by_the_claim_does_not_make_a_purged_command_pending(bus: RecordingBus, engine: Engine):
+    # Given a command accepted and finished 31 days ago, and resent yesterday while its claim still held the key
+    command = accepted(bus, days_ago=31)
+    finished(engine, "k-1", days_ago=31)
+    assert intake.accept(bus, PlaceOrder(**ORDER), "k-1").duplicate
+    # When keys past the 30-day retention are purged
+    assert purge_keys(engine, utcnow() - KEY_RETENTION)["keys"] == 1
+    # Then the command reads expired: the resend ran nothing, so it did not renew the acceptance
+    assert state_of(engine, command.id).status == "expired"

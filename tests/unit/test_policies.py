@@ -165,11 +165,21 @@ def test_a_worker_on_redis_refuses_a_subscriber_policy_past_its_visibility_timeo
 
 
 def test_a_worker_on_redis_refuses_a_command_policy_past_its_visibility_timeout():
-    # Given the default command policy (waits up to 8 s) and a 5 s visibility timeout
-    app = app_on("redis://127.0.0.1:6379/0", broker_transport_options={"visibility_timeout": 5})
-    Bus(app).command(PlaceOrder)(place)
+    # Given a command policy that waits up to 40 s and a 20 s visibility timeout
+    app = app_on("redis://127.0.0.1:6379/0", broker_transport_options={"visibility_timeout": 20})
+    Bus(app, command_policy=Backoff(max_retries=5, base=5.0, cap=40.0)).command(PlaceOrder)(place)
     # When the app binds its tasks, Then the command is refused
-    with pytest.raises(ConfigurationError, match=r"^orders\.place_order: its retry policy .* can wait 8 s"):
+    with pytest.raises(ConfigurationError, match=r"^orders\.place_order: its retry policy .* can wait 40 s"):
+        app.finalize(auto=True)
+
+
+def test_a_visibility_timeout_under_the_bus_own_store_retry_is_refused_whatever_the_policy():
+    # Given a command whose policy waits at most 1 s, and a 9 s visibility timeout, under
+    # the 10 s after which the bus retries a message whose dead letter the store could not take
+    app = app_on("redis://127.0.0.1:6379/0", broker_transport_options={"visibility_timeout": 9})
+    Bus(app, command_policy=Backoff(max_retries=1, base=1.0, cap=1.0)).command(PlaceOrder)(place)
+    # When the app binds its tasks, Then the command is refused, naming that retry
+    with pytest.raises(ConfigurationError, match=r"dead letter the store could not take after 10 s\) can wait 10 s"):
         app.finalize(auto=True)
 
 

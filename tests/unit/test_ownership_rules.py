@@ -209,8 +209,8 @@ def test_examine_finds_leases_of_other_handlers_and_expired_ones():
                          f"12:00:30 UTC, in 30 s), but this registry binds {REAL}; stop those workers, or "
                          f"`bus owners release {PLACE}` once they are"]
     assert expired == [f"owner lease of {REGISTER}: handlers.accounts.register_user (last renewed by w@h, expired "
-                       f"2025-01-01 11:59:30 UTC, 30 s ago); no worker renews it, the next worker to start for "
-                       f"{REGISTER} takes it over"]
+                       f"2025-01-01 11:59:30 UTC, 30 s ago); no worker renews it: the next worker to start for "
+                       f"{REGISTER} takes it over, or `bus owners release {REGISTER}` removes it"]
 
 
 # ---- the heartbeat (a fake lease store) -------------------------------------------------------------

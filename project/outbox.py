@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 EVENT_ID_NAMESPACE = uuid.UUID("0c6b2f5e-93d1-4a57-8a0b-6e3f4f1d2a77")
 #: how long a publisher's claim keeps other publishers off its rows (a batch publishes in about a second)
-CLAIM_TTL = timedelta(seconds=60)
+CLAIM_TTL = timedelta(seconds=30)
 
 
 @dataclass

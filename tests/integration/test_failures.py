@@ -603,7 +603,8 @@ def test_fault_suite_loses_and_duplicates_nothing(broker: str, tmp_path: Path):
     assert elapsed < 90, f"the CI-size fault run took {elapsed:.0f}s"
 
 
-@pytest.mark.parametrize("broker", ["redis", "amqp"])
+# Redis only in CI (about 35 s a broker); docs/reliability.md has the full-size runs on every broker
+@pytest.mark.parametrize("broker", ["redis"])
 def test_fault_suite_at_the_edges_loses_nothing_and_dead_letters_every_exhausted_delivery(broker: str,
                                                                                          tmp_path: Path):
     # Given the fault suite's edge scenario at CI size, its plan fixed by a seed: 100 sends with bursts

@@ -29,7 +29,7 @@ REAL_HANDLER = "handlers.orders.place_order"
 ROGUE_HANDLER = "tests.integration.rogue_tasks.place_order_elsewhere"
 LEASE = f"owner:{PLACE_ORDER}"
 #: simultaneous starts per broker in the race test (each round costs one worker start, about 5 s)
-ROUNDS = 3
+ROUNDS = 2
 
 
 @pytest.fixture(scope="module", params=["redis", "amqp"])

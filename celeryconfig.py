@@ -5,18 +5,19 @@ module; `project/settings.py` documents the environment variables.
 """
 import os
 
-from project import quorum, results, retention
+from project.transport import quorum
+from project.store import results, retention
 from project.settings import env_duration, env_int, env_switch, load, worker_concurrency as concurrency_for
 
 _settings = load()
 
 broker_url = _settings.broker_url
-# Celery's backend for that URL, behind project/results.py: a command's result, stored with its
+# Celery's backend for that URL, behind project/store/results.py: a command's result, stored with its
 # idempotency claim, is not stored a second time (database) or not read before its write (Redis).
 result_backend = results.backend_url(_settings.result_backend)
 result_extended = True  # results keep task name and args: readable in Flower and `bus` tools
 # A db+sqlite result backend (RabbitMQ with SQLite) gets the bus's SQLite settings (WAL, no fsync per commit)
-database_engine_callback = "project.db:configure_result_engine"
+database_engine_callback = "project.store.engine:configure_result_engine"
 
 # JSON only: a pickled message is refused by the worker and dead-lettered, never run.
 task_serializer = "json"
@@ -41,7 +42,7 @@ worker_concurrency = concurrency_for(_settings.database_url)
 # countdown (a countdown is waited out by the worker holding the message unacked:
 # subscriber policies cap at 60 s, commands at 30 s), or a slow message runs twice
 # (harmless: the claim or the inbox absorbs it, but it costs). A worker refuses to start
-# with a retry policy that can wait this long (project/retry.py check_visibility; the
+# with a retry policy that can wait this long (project/messaging/retry.py check_visibility; the
 # defaults wait at most 16 s, commands 8 s).
 # A pool process killed mid-handler is redelivered at once on both brokers (its worker
 # rejects the message with requeue). A whole worker killed (SIGKILL, OOM, power) on Redis
@@ -65,7 +66,7 @@ if _settings.broker_kind == "amqp":
     # queues: once a majority of nodes has it), so the outbox marks a row published only then.
     broker_transport_options["confirm_publish"] = True
 broker_connection_retry_on_startup = True
-# BUS_RABBITMQ_QUEUE_TYPE=quorum (project/quorum.py): the bus's queues are quorum queues, and
+# BUS_RABBITMQ_QUEUE_TYPE=quorum (project/transport/quorum.py): the bus's queues are quorum queues, and
 # so are Celery's default queue and any queue Celery creates for a bare name. Celery then
 # turns global QoS off (quorum queues have none) and publishes countdowns (retries) through
 # RabbitMQ's native delayed delivery instead of holding them in the worker; that needs a
@@ -94,20 +95,20 @@ include = [m for m in os.environ.get(
     "BUS_TASK_MODULES", "tasks.orders,tasks.accounts,tasks.billing,tasks.notifications,tasks.audit").split(",") if m]
 
 # The bus's consumer: dead-letters undecodable, unknown and refused messages.
-worker_consumer = "project.consumer:BusConsumer"
+worker_consumer = "project.transport.consumer:BusConsumer"
 # Bodies over this many bytes are dead-lettered ('too-large') before they are decoded:
 # one huge message must not take a worker's memory, nor block its queue by crashing it
 # again on every redelivery. 0 turns the check off.
 bus_max_message_bytes = env_int("BUS_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=0)  # 0: no limit
 # RabbitMQ's own dead-lettering (rejects by code outside the bus, TTLs, length limits)
 # into the exchange bus.dead_letter, drained into the store by the `bus` boundary, is
-# chosen with BUS_RABBITMQ_DEAD_LETTERS=off|arguments|policy (project/dlx.py; default off:
+# chosen with BUS_RABBITMQ_DEAD_LETTERS=off|arguments|policy (project/dead_letters/dlx.py; default off:
 # queue arguments break plain Celery senders, see docs/failures.md).
 
 # Idempotency keys are kept this long (a duplicate within it is absorbed), then purged by beat.
 bus_key_retention = env_duration("BUS_KEY_RETENTION", "30d")
 # Published outbox rows, inbox rows and intake rows, purged with the keys (`bus purge` by hand).
-# project/retention.py has the rules they keep (inbox and intake >= keys > the redelivery
+# project/store/retention.py has the rules they keep (inbox and intake >= keys > the redelivery
 # window); settings that break one stop start-up naming the fix.
 bus_outbox_retention = env_duration("BUS_OUTBOX_RETENTION", "7d")
 bus_inbox_retention = env_duration("BUS_INBOX_RETENTION", bus_key_retention)
@@ -116,7 +117,7 @@ retention.check(retention.Retention.parse(keys=bus_key_retention, outbox=bus_out
                                           inbox=bus_inbox_retention, intake=bus_intake_retention),
                 retention.redelivery_window(broker_transport_options))
 # Every worker relays outbox rows that a crash between commit and publish left behind,
-# one worker at a time (project/relay.py): every BUS_RELAY_INTERVAL seconds (0: off, for
+# one worker at a time (project/messaging/relay.py): every BUS_RELAY_INTERVAL seconds (0: off, for
 # deployments that run beat or `bus relay`), rows older than BUS_RELAY_GRACE seconds
 # (younger ones are the writing worker's to publish).
 bus_relay_interval = env_int("BUS_RELAY_INTERVAL", 10, minimum=0)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from sqlalchemy import JSON, Column, DateTime, Integer, String, Table
 
-from project.db import metadata, utcnow
+from project.store.tables import metadata, utcnow
 
 orders = Table(
     "orders", metadata,

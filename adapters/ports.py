@@ -23,7 +23,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from adapters.orm import audit_log, port_calls
-from project.db import utcnow
+from project.store.tables import utcnow
 
 
 class PortUnavailable(ConnectionError):

@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 
 from adapters.orm import orders, users
 from handlers.messages import OrderLine
-from project.db import utcnow
+from project.store.tables import utcnow
 
 
 class SqlOrderRepository:

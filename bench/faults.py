@@ -64,7 +64,7 @@ from typing import Any, NamedTuple
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.integration.scenarios import PG_ADMIN_URL, Scenario, open_scenario  # noqa: E402
+from tests.integration.support.scenarios import PG_ADMIN_URL, Scenario, open_scenario  # noqa: E402
 
 ITEMS = [{"sku": "book", "quantity": 2, "unit_price": "12.50"}, {"sku": "pen", "quantity": 1, "unit_price": "1.99"}]
 WORKERS = (("orders", "accounts"), ("billing", "audit"), ("notifications", "bus"))
@@ -228,7 +228,7 @@ def kill_one(workers: list, rng: random.Random) -> int | None:
 def broker_outage(scenario: Scenario) -> str:
     """Cut every connection of this run to its broker, leaving shared servers running."""
     if scenario.broker == "embedded":
-        from project import embedded
+        from project.transport import embedded
         embedded.stop(scenario.home)
         time.sleep(1)
         embedded.ensure_running(scenario.home)
@@ -518,7 +518,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             scenario.env["BUS_VISIBILITY_TIMEOUT"] = str(visibility)
         os.environ.update(scenario.env)
         from project import app, bus
-        from project.outbox import relay
+        from project.messaging.outbox import relay
         app.loader.import_default_modules()
         subscribers = {name: sorted(q.name for q in bus.topology.subscriber_queues(name))
                        for name in (ORDER_PLACED, USER_CREATED)}

@@ -22,8 +22,8 @@ from pydantic import BaseModel, Field
 from handlers.messages import PlaceOrder, RegisterUser
 from project.contracts import Command
 from project.errors import IdempotencyConflict
-from project.intake import accept, state
-from project.retention import configured
+from project.messaging.intake import accept, state
+from project.store.retention import configured
 
 KEY_HEADER = Header(default=None, alias="Idempotency-Key", min_length=1, max_length=200,
                     description="Repeat a request safely: the same key and body get the same command id.")
@@ -57,7 +57,8 @@ def create_app(bus: Any = None) -> FastAPI:
     def the_bus() -> Any:
         nonlocal bus
         if bus is None:
-            from project import app, bus as project_bus
+            from project import app
+            from project import bus as project_bus
             app.loader.import_default_modules()
             bus = project_bus
         return bus

@@ -1,6 +1,6 @@
 """The `bus` console command: the bus's generic commands plus this application's demo."""
 from entrypoints.demo import demo
-from project.cli import cli, run
+from project.cli.main import cli, run
 
 cli.command()(demo)
 

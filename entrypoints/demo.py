@@ -28,9 +28,10 @@ ITEMS = [{"sku": "book", "quantity": 2, "unit_price": "12.50"}, {"sku": "pen", "
 
 def demo(as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary only.")) -> None:
     """Run a worker, send commands including duplicates and bad ones, print what happened."""
-    from project import app, bus, embedded
-    from project.migrate import upgrade
-    from project.processes import start_worker
+    from project import app, bus
+    from project.store.migrate import upgrade
+    from project.testing.processes import start_worker
+    from project.transport import embedded
 
     settings = bus.settings
     started_broker = settings.embedded and embedded.ensure_running(settings.home)
@@ -64,10 +65,9 @@ def demo(as_json: bool = typer.Option(False, "--json", help="Print a machine-rea
 
 def run_scenario(app, bus, quiet: bool) -> dict:
     """Send the demo's commands and collect their outcomes."""
+    from project.store.tables import utcnow
     from tasks.accounts import register_user
     from tasks.orders import place_order
-
-    from project.db import utcnow
 
     run, started = uuid.uuid4().hex[:6], utcnow()
     since = _dead_letter_ids(bus)
@@ -127,7 +127,7 @@ def events_summary(bus, started, home: Path, expected: int = 5 * 2 + 3, timeout:
     import time
 
     from adapters.orm import port_calls
-    from project.db import inbox, outbox
+    from project.store.tables import inbox, outbox
     deadline = time.monotonic() + timeout
     while True:
         with bus.engine().connect() as conn:
@@ -155,7 +155,7 @@ def _send_pickle(app, order_id: str) -> None:
 
 def _claims_since(bus, started) -> tuple[int, int]:
     """(handler executions, duplicates absorbed) recorded by the idempotency claims."""
-    from project.db import commands
+    from project.store.tables import commands
     with bus.engine().connect() as conn:
         row = conn.execute(select(func.count(), func.coalesce(func.sum(commands.c.duplicates), 0))
                            .where(commands.c.created_at >= started)).one()
@@ -163,7 +163,7 @@ def _claims_since(bus, started) -> tuple[int, int]:
 
 
 def _dead_letter_ids(bus) -> int:
-    from project.db import dead_letters
+    from project.store.tables import dead_letters
     with bus.engine().connect() as conn:
         return conn.execute(select(func.coalesce(func.max(dead_letters.c.id), 0))).scalar_one()
 
@@ -171,7 +171,7 @@ def _dead_letter_ids(bus) -> int:
 def _wait_dead_letters(bus, since: int, expected: int, timeout: float = 15.0) -> Counter:
     import time
 
-    from project.db import dead_letters
+    from project.store.tables import dead_letters
     deadline = time.monotonic() + timeout
     while True:
         with bus.engine().connect() as conn:

@@ -3,7 +3,8 @@ from alembic import context
 from sqlalchemy import pool
 
 import adapters.orm  # noqa: F401  (registers the domain tables on the shared metadata)
-from project.db import engine_for, metadata
+from project.store.engine import engine_for
+from project.store.tables import metadata
 
 target_metadata = metadata
 

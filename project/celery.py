@@ -9,24 +9,28 @@ from datetime import timedelta
 
 from celery import Celery, signals
 
-from project import conversation, dispatch, dlx, flower_auth, logs, metrics, outbox, redis_transport, relay, retention
-from project.durations import parse_duration
 from project.core import Bus
-from project.db import forget_engines
-from project.worker import install
+from project.dead_letters import dlx
+from project.durations import parse_duration
+from project.messaging import outbox, relay
+from project.observe import flower_auth, logs, metrics
+from project.store import retention
+from project.store.engine import forget_engines
+from project.transport import conversation, dispatch, redis_transport
+from project.transport.worker import install
 
 redis_transport.install()  # durable fan-out on redis://, redis+socket:// and sentinel:// (before any connection)
 app = Celery("project")
 app.config_from_object("celeryconfig")
-app.conf.task_routes = ("project.routing.route_by_name",)
+app.conf.task_routes = ("project.messaging.routing.route_by_name",)
 bus = Bus(app)
 install(app, bus)
-dlx.install(app)  # RabbitMQ: keep what the broker dead-letters (project/dlx.py)
+dlx.install(app)  # RabbitMQ: keep what the broker dead-letters (project/dead_letters/dlx.py)
 signals.before_task_publish.connect(conversation.stamp, weak=False)
-logs.install(app)  # BUS_LOG_FORMAT=json: structured worker logs (project/logs.py)
-metrics.install(app, bus)  # worker --metrics-port: Prometheus (project/metrics.py)
-relay.install(app, bus.engine, lambda grace: outbox.relay(bus, grace=grace))  # leftovers, no beat (project/relay.py)
-flower_auth.install()  # `celery -A project flower` requires authentication (project/flower_auth.py)
+logs.install(app)  # BUS_LOG_FORMAT=json: structured worker logs (project/observe/logs.py)
+metrics.install(app, bus)  # worker --metrics-port: Prometheus (project/observe/metrics.py)
+relay.install(app, bus.engine, lambda grace: outbox.relay(bus, grace=grace))  # leftovers, no beat (project/messaging/relay.py)
+flower_auth.install()  # `celery -A project flower` requires authentication (project/observe/flower_auth.py)
 
 
 @signals.celeryd_init.connect
@@ -38,7 +42,7 @@ def _dispatch_by_queue(sender=None, instance=None, **_: object) -> None:
 
 @app.task(name="bus.relay_outbox", ignore_result=True)
 def relay_outbox(grace_seconds: float | None = None) -> int:
-    """Publish outbox rows a crash left behind (scheduled by beat; workers relay them too, project/relay.py)."""
+    """Publish outbox rows a crash left behind (scheduled by beat; workers relay them too, project/messaging/relay.py)."""
     grace = app.conf.bus_relay_grace if grace_seconds is None else grace_seconds
     return outbox.relay(bus, grace=timedelta(seconds=grace))
 
@@ -51,7 +55,7 @@ def purge_keys(older_than: str = "") -> int:
 
 @app.task(name="bus.purge", ignore_result=True)
 def purge() -> dict[str, int]:
-    """Purge the bus tables past their retention (dead letters excepted), in batches (scheduled by beat; project/retention.py)."""
+    """Purge the bus tables past their retention (dead letters excepted), in batches (scheduled by beat; project/store/retention.py)."""
     return retention.purge(bus.engine(), retention.configured(app.conf))
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from datetime import timedelta
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import cached_property
 from typing import Any, Callable, Iterator
 
@@ -21,19 +21,27 @@ from celery import Celery
 from celery.result import AsyncResult
 from sqlalchemy.engine import Engine
 
-from project import embedded, outbox, retention
-from project.commands import CommandTask, body_of, check_route, run_command
 from project.contracts import Command, Event, MessageContext
-from project.db import engine_for, utcnow
 from project.errors import MissingDependency, NotACommand
-from project.execution import Execution
-from project.outbox import Publisher
-from project.registry import CommandBinding, Registry, SubscriberBinding
-from project.retry import Backoff, default_command_policy
+from project.messaging import outbox
+from project.messaging.commands import CommandTask, body_of, check_route, run_command
+from project.messaging.execution import Execution
+from project.messaging.outbox import Publisher
+from project.messaging.registry import CommandBinding, Registry, SubscriberBinding
+from project.messaging.retry import Backoff, default_command_policy
+from project.messaging.subscribers import SubscriberTask, run_subscriber
+from project.messaging.topology import (
+    Topology,
+    command_queue,
+    named_command_queue,
+    subscriber_queue,
+)
 from project.settings import Settings, load
-from project.subscribers import SubscriberTask, run_subscriber
-from project.topology import Topology, command_queue, named_command_queue, subscriber_queue
-from project.uow import UnitOfWork
+from project.store import retention
+from project.store.engine import engine_for
+from project.store.tables import utcnow
+from project.store.uow import UnitOfWork
+from project.transport import embedded
 
 logger = logging.getLogger(__name__)
 Provider = Callable[[UnitOfWork], Any]

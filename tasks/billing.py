@@ -2,7 +2,7 @@
 from handlers import billing
 from handlers.messages import OrderPlaced
 from project import bus
-from project.retry import Backoff
+from project.messaging.retry import Backoff
 from tasks import wiring  # noqa: F401  (providers)
 
 charge_payment = bus.subscriber(OrderPlaced, boundary="billing",

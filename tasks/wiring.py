@@ -2,8 +2,16 @@
 import os
 from urllib.parse import urlparse
 
-from adapters.ports import (Flaky, HttpGateway, RecordingGateway, RecordingMailer, RecordingPorts,
-                            RecordingSms, SmtpMailer, failures_for)
+from adapters.ports import (
+    Flaky,
+    HttpGateway,
+    RecordingGateway,
+    RecordingMailer,
+    RecordingPorts,
+    RecordingSms,
+    SmtpMailer,
+    failures_for,
+)
 from adapters.repositories import SqlOrderRepository, SqlUserRepository
 from project import bus
 

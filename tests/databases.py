@@ -10,11 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from project import isolation
-from project.db import dispose
-from project.migrate import upgrade
-from tests.integration.bus_services import require
-from tests.integration.scenarios import PG_ADMIN_URL
+from project.store.engine import dispose
+from project.store.migrate import upgrade
+from project.testing import isolation
+from tests.integration.support.bus_services import require
+from tests.integration.support.scenarios import PG_ADMIN_URL
 
 
 @contextmanager

@@ -32,10 +32,15 @@ from typing import Any, Iterator
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.bus_services import missing
 from tests.integration.conftest import opened
-from tests.integration.helpers import PLACE_ORDER, REGISTER_USER, free_port, order
-from tests.integration.scenarios import Scenario
+from tests.integration.support.bus_services import missing
+from tests.integration.support.helpers import (
+    PLACE_ORDER,
+    REGISTER_USER,
+    free_port,
+    order,
+)
+from tests.integration.support.scenarios import Scenario
 
 pytestmark = pytest.mark.e2e
 

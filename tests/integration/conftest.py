@@ -22,8 +22,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.integration.bus_services import require
-from tests.integration.scenarios import Scenario, open_scenario
+from tests.integration.support.bus_services import require
+from tests.integration.support.scenarios import Scenario, open_scenario
 
 BROKERS = ("embedded", "redis", "amqp")
 DATABASES = ("sqlite", "postgresql")

@@ -20,11 +20,10 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from project.db import commands, intake, utcnow
-
+from project.store.tables import commands, intake, utcnow
 from tests.integration.conftest import opened
-from tests.integration.helpers import free_port
-from tests.integration.scenarios import Scenario
+from tests.integration.support.helpers import free_port
+from tests.integration.support.scenarios import Scenario
 
 ITEMS = [{"sku": "book", "quantity": 2, "unit_price": "12.50"}]
 

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from tests.integration.helpers import ITEMS_TOTAL, PLACE_ORDER, order
-from tests.integration.scenarios import RemoteError, Scenario
+from tests.integration.support.helpers import ITEMS_TOTAL, PLACE_ORDER, order
+from tests.integration.support.scenarios import RemoteError, Scenario
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.bus_services import missing, require
+from tests.integration.support.bus_services import missing, require
 
 pytestmark = pytest.mark.integration
 BUS = str(Path(sys.executable).with_name("bus"))

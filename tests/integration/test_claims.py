@@ -1,7 +1,7 @@
 """Attacking the claim: two deliveries of one key at once, whatever the first one meets.
 
 Real `celery worker` processes (2 pool processes) on Redis, with PostgreSQL and SQLite.
-The command (tests/integration/claim_tasks.py) holds its first run's transaction open
+The command (tests/integration/support/claim_tasks.py) holds its first run's transaction open
 until the test releases it, so a duplicate sent meanwhile reaches the claim and waits
 there (PostgreSQL: on the row lock, which the test sees in pg_stat_activity; SQLite: on
 the write lock). Then the first run succeeds, refuses (a domain error), fails with a
@@ -29,16 +29,16 @@ from typing import Any, Iterator
 
 import pytest
 
-from project import retention
-from project.db import utcnow
+from project.store import retention
+from project.store.tables import utcnow
 from tests.integration.conftest import opened
-from tests.integration.scenarios import RemoteError, Scenario
+from tests.integration.support.scenarios import RemoteError, Scenario
 
 pytestmark = pytest.mark.integration
 
 CLAIM_JOB = "claimlab.claim_job"
-MODULES = "tests.integration.claim_tasks"
-REFUSED = "tests.integration.claim_tasks.JobRefused"
+MODULES = "tests.integration.support.claim_tasks"
+REFUSED = "tests.integration.support.claim_tasks.JobRefused"
 CONFLICT = "project.errors.IdempotencyConflict"
 #: deliveries sent while keys are purged
 TRAFFIC = 240

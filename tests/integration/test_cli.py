@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import insert, select
 
 from project.contracts import snake_case
-from project.db import commands, utcnow
-from project.isolation import alive
+from project.store.tables import commands, utcnow
+from project.testing.isolation import alive
 from tests.conftest import REPO
 from tests.integration.conftest import opened
 
@@ -24,7 +24,7 @@ BUS = str(Path(sys.executable).with_name("bus"))
 LIST_COMMAND_TASKS = """
 import json
 from project import app
-from project.commands import CommandTask
+from project.messaging.commands import CommandTask
 app.loader.import_default_modules()
 print(json.dumps({name: {"command": task.binding.contract.__name__, "boundary": task.binding.contract.boundary,
                          "handler": task.binding.handler.__module__ + "." + task.binding.handler.__qualname__}

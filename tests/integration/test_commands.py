@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.helpers import (ITEMS, ITEMS_TOTAL, PLACE_ORDER, PLACE_ORDER_CONTRACT,
-                                       REGISTER_USER, REGISTER_USER_CONTRACT, order)
-from tests.integration.scenarios import RemoteError, Scenario
+from tests.integration.support.helpers import (
+    ITEMS,
+    ITEMS_TOTAL,
+    PLACE_ORDER,
+    PLACE_ORDER_CONTRACT,
+    REGISTER_USER,
+    REGISTER_USER_CONTRACT,
+    order,
+)
+from tests.integration.support.scenarios import RemoteError, Scenario
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ import re
 
 import pytest
 
-from tests.integration.helpers import ITEMS_TOTAL, PLACE_ORDER, order
-from tests.integration.scenarios import Scenario
+from tests.integration.support.helpers import ITEMS_TOTAL, PLACE_ORDER, order
+from tests.integration.support.scenarios import Scenario
 
 pytestmark = pytest.mark.integration
 TIMES = 20

@@ -18,7 +18,7 @@ import redis
 from kombu import Connection
 
 from tests.integration.conftest import opened
-from tests.integration.scenarios import Scenario
+from tests.integration.support.scenarios import Scenario
 
 pytestmark = pytest.mark.integration
 EXCHANGE = "events.order_placed"

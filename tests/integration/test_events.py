@@ -39,12 +39,17 @@ from kombu.transport import redis as plain_redis
 from sqlalchemy import func, select, update
 
 from adapters.orm import audit_log, port_calls
-from project.db import dead_letters, inbox, outbox, utcnow
-from project.dispatch import copy_task_id
-from project.processes import WorkerProcess
+from project.store.tables import dead_letters, inbox, outbox, utcnow
+from project.testing.processes import WorkerProcess
+from project.transport.dispatch import copy_task_id
 from tests.integration.conftest import opened
-from tests.integration.helpers import ITEMS_TOTAL, PLACE_ORDER, REGISTER_USER, order
-from tests.integration.scenarios import Driver, Scenario
+from tests.integration.support.helpers import (
+    ITEMS_TOTAL,
+    PLACE_ORDER,
+    REGISTER_USER,
+    order,
+)
+from tests.integration.support.scenarios import Driver, Scenario
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +71,7 @@ SETTLE = 1.0
 #: scenario's default grace of 10 s only matters for a worker that hangs).
 STOP_GRACE = 4.0
 FAST_RETRY_MODULES = ("tasks.orders,tasks.accounts,tasks.billing,tasks.audit,"
-                      "tests.integration.clients.notifications_fast_retry")
+                      "tests.integration.support.clients.notifications_fast_retry")
 
 
 def pair(broker: str, database: str = "sqlite") -> Any:
@@ -416,7 +421,7 @@ def assert_celery_event_message(message: Any, event: Any) -> None:
 #: On Redis, kombu's own transport consumes a fanout-bound queue with SUBSCRIBE (PUB/SUB),
 #: which is exactly what loses events; the bus's durable copies are in the queue's list.
 #: Another system therefore subscribes with the bus's transport (documented in the README).
-BUS_REDIS_TRANSPORT = "project.redis_transport:Transport"
+BUS_REDIS_TRANSPORT = "project.transport.redis_transport:Transport"
 
 
 @pytest.mark.parametrize("cluster", [pair("amqp"), pair("redis"), pair("amqp-quorum", "postgresql")], indirect=True)

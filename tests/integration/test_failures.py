@@ -39,15 +39,20 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from project.dispatch import copy_task_id
-from project.dlx import POLICY_PATTERN
-from project.processes import WorkerProcess
-from project.redis_transport import NOT_A_MESSAGE
+from project.dead_letters.dlx import POLICY_PATTERN
+from project.testing.processes import WorkerProcess
+from project.transport.dispatch import copy_task_id
+from project.transport.redis_transport import NOT_A_MESSAGE
 from tests.conftest import REPO
-from tests.integration.bus_services import require
 from tests.integration.conftest import opened
-from tests.integration.helpers import ITEMS_TOTAL, PLACE_ORDER, REGISTER_USER, order
-from tests.integration.scenarios import PG_ADMIN_URL, Scenario
+from tests.integration.support.bus_services import require
+from tests.integration.support.helpers import (
+    ITEMS_TOTAL,
+    PLACE_ORDER,
+    REGISTER_USER,
+    order,
+)
+from tests.integration.support.scenarios import PG_ADMIN_URL, Scenario
 
 pytestmark = pytest.mark.integration
 
@@ -57,8 +62,8 @@ AUDIT = "audit.record_user_created"
 HOLD_JOB = "crashlab.hold_job"
 DEFAULT_MODULES = "tasks.orders,tasks.accounts,tasks.billing,tasks.notifications,tasks.audit"
 FAST_RETRY_MODULES = ("tasks.orders,tasks.accounts,tasks.billing,tasks.audit,"
-                      "tests.integration.clients.notifications_fast_retry")
-CRASH_MODULES = f"{DEFAULT_MODULES},tests.integration.crash_tasks"
+                      "tests.integration.support.clients.notifications_fast_retry")
+CRASH_MODULES = f"{DEFAULT_MODULES},tests.integration.support.crash_tasks"
 #: seconds to wait, after the expected effects exist, for effects that must not come
 SETTLE = 1.5
 STOP_GRACE = 4.0
@@ -514,7 +519,7 @@ def test_killed_worker_processes_are_redelivered_and_applied_once(
     first.kill()
     second = start_worker(scenario, request, name="crash-2", concurrency=2,
                           env={"BUS_VISIBILITY_TIMEOUT": str(visibility),
-                               "BUS_TASK_MODULES": "tests.integration.crash_tasks"})
+                               "BUS_TASK_MODULES": "tests.integration.support.crash_tasks"})
     ready = time.time()
 
     # Then the job runs again and commits once: on RabbitMQ as soon as the new worker

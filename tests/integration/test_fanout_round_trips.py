@@ -1,7 +1,7 @@
 """Publishing an event on Redis is one round trip, whatever the number of subscribers (issue 9).
 
 The bus's Redis transport makes the K copies of an event inside Redis, in one Lua
-script (project/redis_transport.py): the publisher sends one EVALSHA per event, and
+script (project/transport/redis_transport.py): the publisher sends one EVALSHA per event, and
 the script reads the binding table and pushes one copy per bound queue. Redis's own
 counters (INFO commandstats) show it on a real server.
 """
@@ -15,8 +15,9 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Producer, Queue
 
-from project import isolation, redis_transport
-from tests.integration.bus_services import require
+from project.testing import isolation
+from project.transport import redis_transport
+from tests.integration.support.bus_services import require
 
 pytestmark = pytest.mark.integration
 EVENTS = 40

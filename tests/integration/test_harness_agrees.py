@@ -1,6 +1,6 @@
 """The in-process harness and real workers on a real broker agree, scenario by scenario.
 
-Each scenario runs twice: in process by the harness (project/testing.py), and on Redis
+Each scenario runs twice: in process by the harness (project/testing/harness.py), and on Redis
 with a real worker whose ports fail the same way (BUS_FAIL_PORTS). Both runs are
 summarised from their own database with the same queries; the summaries must be equal.
 - an order sent twice with one key while the payment gateway fails twice, and a registration;
@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import text
 
 from tests.integration.conftest import opened
-from tests.integration.scenarios import RemoteError, Scenario
+from tests.integration.support.scenarios import RemoteError, Scenario
 
 pytestmark = pytest.mark.integration
 

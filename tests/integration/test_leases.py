@@ -1,4 +1,4 @@
-"""Leases (project/lease.py, project/ownership.py) on real databases: askers at the same instant cannot both win.
+"""Leases (project/store/lease.py, project/messaging/ownership.py) on real databases: askers at the same instant cannot both win.
 
 The owner of a command queue and the outbox relay rest on this: PostgreSQL and SQLite,
 with threads that ask at one barrier, each on its own connection.
@@ -13,9 +13,10 @@ from typing import Iterator
 import pytest
 from sqlalchemy.engine import Engine
 
-from project import lease, ownership
-from project.db import engine_for
 from project.errors import OwnerConflict
+from project.messaging import ownership
+from project.store import lease
+from project.store.engine import engine_for
 from tests.databases import migrated_database
 from tests.together import at_one_instant
 

@@ -16,9 +16,10 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
 import adapters.orm  # noqa: F401  (the domain tables join the shared metadata)
-from project.db import dispose, engine_for, metadata
-from project.migrate import upgrade
-from tests.integration.bus_services import require
+from project.store.engine import dispose, engine_for
+from project.store.migrate import upgrade
+from project.store.tables import metadata
+from tests.integration.support.bus_services import require
 
 ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 

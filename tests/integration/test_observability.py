@@ -21,8 +21,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import opened
-from tests.integration.helpers import PLACE_ORDER, free_port, order
-from tests.integration.scenarios import Scenario
+from tests.integration.support.helpers import PLACE_ORDER, free_port, order
+from tests.integration.support.scenarios import Scenario
 
 pytestmark = pytest.mark.integration
 

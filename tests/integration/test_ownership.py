@@ -15,18 +15,18 @@ from typing import Iterator
 import pytest
 from sqlalchemy import insert, update
 
-from project import lease
-from project.db import leases, utcnow
-from project.processes import WorkerProcess
+from project.store import lease
+from project.store.tables import leases, utcnow
+from project.testing.processes import WorkerProcess
 from tests.integration.conftest import opened
-from tests.integration.helpers import PLACE_ORDER, REGISTER_USER
-from tests.integration.scenarios import Scenario
+from tests.integration.support.helpers import PLACE_ORDER, REGISTER_USER
+from tests.integration.support.scenarios import Scenario
 from tests.integration.test_workers import active_queues
 
 pytestmark = pytest.mark.integration
-ROGUE = {"BUS_TASK_MODULES": "tests.integration.rogue_tasks"}
+ROGUE = {"BUS_TASK_MODULES": "tests.integration.support.rogue_tasks"}
 REAL_HANDLER = "handlers.orders.place_order"
-ROGUE_HANDLER = "tests.integration.rogue_tasks.place_order_elsewhere"
+ROGUE_HANDLER = "tests.integration.support.rogue_tasks.place_order_elsewhere"
 LEASE = f"owner:{PLACE_ORDER}"
 #: simultaneous starts per broker in the race test (each round costs one worker start, about 5 s)
 ROUNDS = 2
@@ -154,8 +154,8 @@ def test_bus_owners_lists_the_lease_of_every_command_queue(scenario, owner):
 
 def test_bus_check_fails_on_a_live_worker_that_serves_another_handler(scenario, owner, extra):
     # Given worker A, and a worker of another deployment that serves orders.place_order
-    # with its own handler and holds no lease (tests/integration/legacy_worker.py)
-    legacy = scenario.start_foreign_worker("tests.integration.legacy_worker", ["orders.place_order"], "legacy")
+    # with its own handler and holds no lease (tests/integration/support/legacy_worker.py)
+    legacy = scenario.start_foreign_worker("tests.integration.support.legacy_worker", ["orders.place_order"], "legacy")
     extra.append(legacy)
 
     # When `bus check` surveys the cluster

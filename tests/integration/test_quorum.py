@@ -20,17 +20,17 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from project.processes import WorkerProcess
+from project.testing.processes import WorkerProcess
 from tests.integration.conftest import opened
-from tests.integration.helpers import REGISTER_USER
-from tests.integration.scenarios import Scenario
+from tests.integration.support.helpers import REGISTER_USER
+from tests.integration.support.scenarios import Scenario
 
 WELCOME_SMS, WELCOME_EMAIL, AUDIT = ("notifications.send_welcome_sms", "notifications.send_welcome_email",
                                      "audit.record_user_created")
 HOLD_JOB = "crashlab.hold_job"
 MODULES = "tasks.orders,tasks.accounts,tasks.billing,tasks.audit"
-FIXED_RETRY_MODULES = f"{MODULES},tests.integration.clients.notifications_fast_retry"
-CRASH_MODULES = f"{MODULES},tasks.notifications,tests.integration.crash_tasks"
+FIXED_RETRY_MODULES = f"{MODULES},tests.integration.support.clients.notifications_fast_retry"
+CRASH_MODULES = f"{MODULES},tasks.notifications,tests.integration.support.crash_tasks"
 
 
 @pytest.fixture

@@ -24,12 +24,19 @@ from typing import Any, Iterator
 import pytest
 from sqlalchemy import func, select, text, update
 
-from project.db import inbox, leases, outbox, utcnow
-from project.processes import WorkerProcess
+from project.store.tables import inbox, leases, outbox, utcnow
+from project.testing.processes import WorkerProcess
 from tests.conftest import REPO
 from tests.integration.conftest import opened
-from tests.integration.scenarios import Driver, Scenario
-from tests.integration.test_events import CHARGE, CONFIRM, SETTLE, STOP_GRACE, queue_length, unpublished
+from tests.integration.support.scenarios import Driver, Scenario
+from tests.integration.test_events import (
+    CHARGE,
+    CONFIRM,
+    SETTLE,
+    STOP_GRACE,
+    queue_length,
+    unpublished,
+)
 
 pytestmark = pytest.mark.integration
 ROWS = 300

@@ -20,10 +20,18 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from adapters.orm import port_calls
-from project.db import commands, dead_letters, executions, inbox, intake, outbox, utcnow
+from project.store.tables import (
+    commands,
+    dead_letters,
+    executions,
+    inbox,
+    intake,
+    outbox,
+    utcnow,
+)
 from tests.integration.conftest import opened
-from tests.integration.helpers import ITEMS_TOTAL, PLACE_ORDER, order
-from tests.integration.scenarios import Scenario
+from tests.integration.support.helpers import ITEMS_TOTAL, PLACE_ORDER, order
+from tests.integration.support.scenarios import Scenario
 from tests.integration.test_cli import BUS, run
 
 pytestmark = pytest.mark.integration

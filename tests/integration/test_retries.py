@@ -4,7 +4,7 @@ The bus's retry policy is the only cap on retries, on Redis, RabbitMQ and Rabbit
 quorum queues (where a command's retry goes through RabbitMQ's delayed delivery to its
 own queue): a subscriber retries past Celery's default of three and succeeds, or is
 dead-lettered once when its policy gives up; a command's transient failures are retried
-until it succeeds. The handlers are in tests/integration/retry_tasks.py; every retry
+until it succeeds. The handlers are in tests/integration/support/retry_tasks.py; every retry
 there waits 1 s.
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import Any, Iterator
 
 import pytest
 
-from project.dispatch import copy_task_id
+from project.transport.dispatch import copy_task_id
 from tests.integration.conftest import opened
-from tests.integration.scenarios import Scenario
+from tests.integration.support.scenarios import Scenario
 
 pytestmark = pytest.mark.integration
 
-MODULES = "tests.integration.retry_tasks"
+MODULES = "tests.integration.support.retry_tasks"
 PROBE, FLAKY = "retrylab.probe_retries", "retrylab.flaky_job"
 RECOVERING, GIVING_UP = "retrylab.recover_after_five", "retrylab.never_recover"
 #: seconds to wait, after the expected outcome, for runs that must not come

@@ -15,13 +15,13 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import OperationalError
 
 from handlers.messages import UserAccountCreated
-from project import db
-from project.db import commands, executions, inbox
-from project.execution import Delivery
 from project.headers import EVENT_ID
-from project.uow import UnitOfWork
+from project.messaging.execution import Delivery
+from project.store import engine as db
+from project.store.tables import commands, executions, inbox
+from project.store.uow import UnitOfWork
 from tests.databases import migrated_database
-from tests.integration.scenarios import PG_ADMIN_URL
+from tests.integration.support.scenarios import PG_ADMIN_URL
 from tests.statements import statements, until_commit
 
 pytestmark = pytest.mark.integration
@@ -39,8 +39,8 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def harness(database_url: str):
     """The in-process harness of the reference domain, on the PostgreSQL database."""
-    from project.pytest_plugin import _loaded_bus
-    from project.testing import BusHarness
+    from project.testing.harness import BusHarness
+    from project.testing.pytest_plugin import _loaded_bus
     with BusHarness(_loaded_bus(), database_url) as harness:
         yield harness
 

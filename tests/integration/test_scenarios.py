@@ -12,10 +12,10 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from project import embedded
-from project.isolation import REDIS_MARK
+from project.testing.isolation import REDIS_MARK
+from project.transport import embedded
 from tests.integration.conftest import opened
-from tests.integration.scenarios import PG_ADMIN_URL
+from tests.integration.support.scenarios import PG_ADMIN_URL
 
 pytestmark = pytest.mark.integration
 

@@ -26,11 +26,22 @@ import pytest
 import redis
 from redis.sentinel import Sentinel
 
-from tests.integration.bus_services import missing
-from tests.integration.helpers import ITEMS_TOTAL, PLACE_ORDER, free_port, order
-from tests.integration.scenarios import Scenario, open_scenario
-from tests.integration.test_events import (CHARGE, CONFIRM, EVERY_BOUNDARY_BUT_BILLING, ORDER_PLACED, SETTLE,
-                                           STOP_GRACE, calls, deliveries, one_event, order_mail, received)
+from tests.integration.support.bus_services import missing
+from tests.integration.support.helpers import ITEMS_TOTAL, PLACE_ORDER, free_port, order
+from tests.integration.support.scenarios import Scenario, open_scenario
+from tests.integration.test_events import (
+    CHARGE,
+    CONFIRM,
+    EVERY_BOUNDARY_BUT_BILLING,
+    ORDER_PLACED,
+    SETTLE,
+    STOP_GRACE,
+    calls,
+    deliveries,
+    one_event,
+    order_mail,
+    received,
+)
 
 pytestmark = pytest.mark.integration
 

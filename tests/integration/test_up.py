@@ -1,6 +1,6 @@
 """`bus up` as a developer runs it: the whole bus in one process tree on Redis, until Ctrl-C.
 
-Its own Redis database number (project/isolation.py, through the scenario), a SQLite
+Its own Redis database number (project/testing/isolation.py, through the scenario), a SQLite
 file and BUS_HOME under the test's tmp path. The runner and every child it started are
 stopped by PID at the end, also when the test fails.
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from project.isolation import alive
+from project.testing.isolation import alive
 from tests.conftest import REPO
 from tests.integration.conftest import opened
-from tests.integration.helpers import ITEMS_TOTAL, free_port, order
+from tests.integration.support.helpers import ITEMS_TOTAL, free_port, order
 
 pytestmark = pytest.mark.integration
 BUS = str(Path(sys.executable).with_name("bus"))

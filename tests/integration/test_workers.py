@@ -9,10 +9,10 @@ from typing import Iterator
 
 import pytest
 
-from project.processes import WorkerProcess
+from project.testing.processes import WorkerProcess
 from tests.integration.conftest import BROKERS, opened
-from tests.integration.helpers import REGISTER_USER, boundaries_of, queues_of
-from tests.integration.scenarios import Scenario
+from tests.integration.support.helpers import REGISTER_USER, boundaries_of, queues_of
+from tests.integration.support.scenarios import Scenario
 
 pytestmark = pytest.mark.integration
 

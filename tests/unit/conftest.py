@@ -7,8 +7,8 @@ from typing import Iterator
 import pytest
 from sqlalchemy.engine import Engine
 
-from project.db import dispose, engine_for
-from project.migrate import upgrade
+from project.store.engine import dispose, engine_for
+from project.store.migrate import upgrade
 
 
 @pytest.fixture

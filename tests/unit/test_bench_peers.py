@@ -7,8 +7,9 @@ import time
 import pytest
 import typer
 
-from project import bench_peer_probe, bench_peers
-from project.bench import Options
+from project.bench import peer_probe as bench_peer_probe
+from project.bench import peers as bench_peers
+from project.bench.run import Options
 
 
 def test_peers_without_the_bench_extra_are_refused_with_the_install_command():

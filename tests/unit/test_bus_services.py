@@ -5,8 +5,8 @@ import socket
 
 import pytest
 
-from tests.integration import bus_services
-from tests.integration.bus_services import Service, require
+from tests.integration.support import bus_services
+from tests.integration.support.bus_services import Service, require
 
 
 @pytest.fixture

@@ -34,12 +34,12 @@ from typer.testing import CliRunner
 
 from handlers import accounts, billing, orders
 from handlers.messages import OrderPlaced, PaymentProcessed, PlaceOrder, RegisterUser
-from project import asyncapi
-from project.catalog import contracts, markdown
-from project.cli import cli
-from project.commands import body_of
+from project.cli.main import cli
 from project.core import Bus
-from project.retry import Backoff
+from project.messaging.commands import body_of
+from project.messaging.retry import Backoff
+from project.observe import asyncapi
+from project.observe.catalog import contracts, markdown
 from tests.conftest import REPO
 
 SPEC_ID = "http://asyncapi.com/definitions/3.0.0/asyncapi.json"
@@ -196,7 +196,7 @@ def test_an_event_is_listed_with_owner_publishers_subscribers_and_schema(catalog
 
 def test_the_catalog_carries_the_mermaid_flow(catalog):
     # Then the flow block is `bus topology --mermaid` of the same bus, with the follow-up command
-    from project.mermaid import flowchart
+    from project.observe.mermaid import flowchart
     text = markdown(catalog)
     assert f"```mermaid\n{flowchart(catalog)}```" in text
     assert "h_fulfilment_reorder -- sends --> q_orders_place_order" in text

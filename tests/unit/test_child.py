@@ -1,4 +1,4 @@
-"""project/child.py: the JSON-lines child that `bus bench` and the integration tests drive.
+"""project/bench/child.py: the JSON-lines child that `bus bench` and the integration tests drive.
 
 Each test starts a small Python child and stops it by its PID, also when the test fails.
 """
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from project.child import ChildExited, ChildTimeout, LineChild
-from project.isolation import alive
+from project.bench.child import ChildExited, ChildTimeout, LineChild
+from project.testing.isolation import alive
 
 ECHO = """
 import json, sys

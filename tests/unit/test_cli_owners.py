@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from project import lease
-from project.cli import cli
-from project.db import dispose, engine_for
+from project.cli.main import cli
 from project.errors import ConfigurationError
-from project.migrate import upgrade
+from project.store import lease
+from project.store.engine import dispose, engine_for
+from project.store.migrate import upgrade
 
 PLACE, REGISTER = "orders.place_order", "accounts.register_user"
 REAL = "handlers.orders.place_order"
@@ -87,6 +87,6 @@ def test_release_of_a_queue_without_a_lease_exits_1(leased):
 
 def test_owners_on_a_database_without_the_leases_table_says_to_migrate(tmp_path):
     done = owners({"BUS_DATABASE_URL": f"sqlite:///{tmp_path}/empty.db", "COLUMNS": "300"}, "--json")
-    assert isinstance(done.exception, ConfigurationError)  # `bus` prints it and exits 2 (project/cli.py run)
+    assert isinstance(done.exception, ConfigurationError)  # `bus` prints it and exits 2 (project/cli/main.py run)
     assert "run `bus db upgrade` first" in str(done.exception)
     dispose(f"sqlite:///{tmp_path}/empty.db")

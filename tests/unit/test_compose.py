@@ -257,7 +257,7 @@ def test_every_worker_serves_boundaries_and_each_boundary_has_exactly_one_worker
 def registry_boundaries() -> set[str]:
     """Every boundary a worker may be started for (the bus's topology), from a fresh process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "BUS_"))}
-    code = ("import json; from project.cli import loaded_bus; "
+    code = ("import json; from project.cli.main import loaded_bus; "
             "print(json.dumps(sorted(loaded_bus().topology.boundaries())))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)

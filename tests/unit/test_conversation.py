@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from project.conversation import stamp
 from project.headers import CAUSATION_HEADER, CORRELATION_HEADER
+from project.transport.conversation import stamp
 
 
 def test_a_message_sent_from_outside_a_task_starts_its_own_conversation():

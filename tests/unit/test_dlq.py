@@ -14,11 +14,14 @@ import pytest
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
-from project import deadletters, dlq, dlx
-from project.cli import cli
-from project.db import dead_letters, engine_for, utcnow
-from project.migrate import upgrade
-from project.redis_transport import NOT_A_MESSAGE, _parse
+from project.cli.main import cli
+from project.dead_letters import admin as dlq
+from project.dead_letters import dlx
+from project.dead_letters import store as deadletters
+from project.store.engine import engine_for
+from project.store.migrate import upgrade
+from project.store.tables import dead_letters, utcnow
+from project.transport.redis_transport import NOT_A_MESSAGE, _parse
 
 BINARY = bytes(range(256))
 
@@ -166,7 +169,7 @@ def test_dead_letter_mode_is_off_unless_chosen_and_refuses_unknown_values():
 
 
 def test_queues_carry_the_dead_letter_exchange_only_in_arguments_mode(monkeypatch):
-    from project.topology import named_command_queue
+    from project.messaging.topology import named_command_queue
     assert named_command_queue("orders.place_order").queue_arguments is None
     monkeypatch.setenv("BUS_RABBITMQ_DEAD_LETTERS", "arguments")
     assert named_command_queue("orders.place_order").queue_arguments == {"x-dead-letter-exchange": "bus.dead_letter"}
@@ -196,7 +199,7 @@ def test_a_message_whose_dead_letter_cannot_be_stored_is_retried_not_dropped(bus
     from sqlalchemy.exc import OperationalError
 
     from handlers.messages import PlaceOrder
-    from project.execution import STORE_RETRY_DELAY
+    from project.messaging.execution import STORE_RETRY_DELAY
 
     # Given a payment gateway that always fails (billing gives up after its 8 retries),
     # and a dead-letter store that is down for its first 2 writes

@@ -1,6 +1,6 @@
 """`bus check`'s broker comparison as pure logic: the declared topology against snapshots of a broker.
 
-The snapshots are what project/drift.py reads from RabbitMQ (passive declares and
+The snapshots are what project/observe/drift.py reads from RabbitMQ (passive declares and
 rabbitmqctl) and Redis (kombu's binding sets); tests/integration/test_drift.py reads
 real ones.
 """
@@ -16,7 +16,16 @@ from rich.console import Console
 from handlers import accounts, billing, notifications, orders
 from handlers.messages import OrderPlaced, PlaceOrder, RegisterUser
 from project.core import Bus
-from project.drift import MISSING, Binding, Declared, Finding, Report, Snapshot, compare, declared
+from project.observe.drift import (
+    MISSING,
+    Binding,
+    Declared,
+    Finding,
+    Report,
+    Snapshot,
+    compare,
+    declared,
+)
 
 SUBSCRIBER = "billing.charge_payment"
 

@@ -14,18 +14,23 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from handlers import billing, notifications
-from handlers.messages import OrderPlaced, PaymentProcessed, PlaceOrder, UserAccountCreated
+from handlers.messages import (
+    OrderPlaced,
+    PaymentProcessed,
+    PlaceOrder,
+    UserAccountCreated,
+)
 from project.contracts import DomainError
-from project.db import outbox
-from project.dispatch import COPY_ID_NAMESPACE, copy_task_id, own_queue
 from project.errors import DuplicateCommandHandler, NotACommand, WrongBoundary
-from project.outbox import OutboxSink, kwargs_repr
-from project.redis_transport import is_durable_fanout
-from project.registry import Registry
-from project.retry import DEFAULT_SUBSCRIBER_POLICY, Backoff
-from project.subscribers import SubscriberTask
-from project.topology import Topology, subscriber_queue
-from project.uow import UnitOfWork
+from project.messaging.outbox import OutboxSink, kwargs_repr
+from project.messaging.registry import Registry
+from project.messaging.retry import DEFAULT_SUBSCRIBER_POLICY, Backoff
+from project.messaging.subscribers import SubscriberTask
+from project.messaging.topology import Topology, subscriber_queue
+from project.store.tables import outbox
+from project.store.uow import UnitOfWork
+from project.transport.dispatch import COPY_ID_NAMESPACE, copy_task_id, own_queue
+from project.transport.redis_transport import is_durable_fanout
 
 ORIGIN = "orders.place_order:checkout-77"
 

@@ -4,7 +4,7 @@ claim -> handler -> finish happen in one transaction: a rollback (a crash before
 commit) leaves no claim; a committed claim makes every later claim of the key fail and
 hands back the stored outcome.
 
-The execution around the claim (project/execution.py), on SQLite and on a PostgreSQL
+The execution around the claim (project/messaging/execution.py), on SQLite and on a PostgreSQL
 database of its own: a key purged between a duplicate's claim and its read is claimed
 again; a redelivery that finds its execution committed hands the rows that execution left
 unpublished to the publisher, and a duplicate that waited on the claim leaves them to it.
@@ -25,12 +25,12 @@ from sqlalchemy import event, select, text, update
 from sqlalchemy.engine import Engine
 
 from handlers.messages import OrderPlaced, PlaceOrder
-from project import idempotency, retention
 from project.contracts import DomainError
 from project.core import Bus
-from project.db import commands, dead_letters, executions, outbox, utcnow
-from project.execution import Delivery, Executed
-from project.uow import UnitOfWork
+from project.messaging.execution import Delivery, Executed
+from project.store import idempotency, retention
+from project.store.tables import commands, dead_letters, executions, outbox, utcnow
+from project.store.uow import UnitOfWork
 from tests.databases import migrated_database
 from tests.statements import statements
 

@@ -1,4 +1,4 @@
-"""The HTTP intake's records (project/intake.py) on a migrated SQLite file: what became of a command.
+"""The HTTP intake's records (project/messaging/intake.py) on a migrated SQLite file: what became of a command.
 
 A command whose key the purge has forgotten is `expired`, not `pending` for good; an
 outcome or a dead letter still wins; a re-acceptance of the same key and body makes it
@@ -14,10 +14,11 @@ from sqlalchemy import insert, update
 from sqlalchemy.engine import Engine
 
 from handlers.messages import PlaceOrder
-from project import intake
-from project.db import commands, dead_letters, intake as intake_table, utcnow
 from project.errors import IdempotencyConflict
-from project.retention import purge_keys
+from project.messaging import intake
+from project.store.retention import purge_keys
+from project.store.tables import commands, dead_letters, utcnow
+from project.store.tables import intake as intake_table
 
 KEY_RETENTION = timedelta(days=30)
 ORDER = {"order_id": "o-1", "customer_id": "c-1", "items": [{"sku": "book", "quantity": 2, "unit_price": "12.50"}]}

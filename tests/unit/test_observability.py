@@ -18,13 +18,13 @@ import pytest
 from typer.testing import CliRunner
 
 from handlers.messages import PlaceOrder
-from project import mermaid, trace
-from project.cli import cli
-from project.db import executions
+from project.cli.main import cli
 from project.errors import ConfigurationError
-from project.flower_auth import FlowerAuthMissing, require_auth
-from project.logs import FIELDS, JsonFormatter, MessageFields, log_format
-from project.retry import Backoff
+from project.messaging.retry import Backoff
+from project.observe import mermaid, trace
+from project.observe.flower_auth import FlowerAuthMissing, require_auth
+from project.observe.logs import FIELDS, JsonFormatter, MessageFields, log_format
+from project.store.tables import executions
 from tests.conftest import REPO
 
 ITEMS = [{"sku": "book", "quantity": 2, "unit_price": "12.50"}]
@@ -285,7 +285,7 @@ def test_a_json_line_has_every_field_even_outside_a_task():
 METRICS_PROBE = """
 import json, os, sys
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
-from project import metrics
+from project.observe import metrics
 metrics.absorbed("orders.place_order"); metrics.absorbed("orders.place_order")
 metrics.dead_lettered("billing.charge_payment", "retries-exhausted"); metrics.dead_lettered(None, "undecodable")
 from prometheus_client import CollectorRegistry, generate_latest
@@ -308,7 +308,7 @@ def test_metrics_are_counted_in_files_the_main_process_sums(tmp_path):
 
 
 def test_without_a_metrics_directory_counting_is_a_no_op(monkeypatch):
-    from project import metrics
+    from project.observe import metrics
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     metrics.absorbed("orders.place_order")
     assert metrics._get() is None

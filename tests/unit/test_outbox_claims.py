@@ -1,4 +1,4 @@
-"""Publishers' claims on outbox rows (project/outbox.py): a failed publish gives its claim back,
+"""Publishers' claims on outbox rows (project/messaging/outbox.py): a failed publish gives its claim back,
 a crashed publisher's claim keeps other publishers off until it expires, then the relay
 publishes the row. Real SQLite database (the unit `engine` fixture); Celery's in-memory
 broker for a publish that works, a closed port for one that fails.
@@ -13,10 +13,11 @@ from kombu.exceptions import OperationalError
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
-from project import outbox
 from project.core import Bus
-from project.db import outbox as outbox_table, utcnow
-from tests.integration.helpers import free_port
+from project.messaging import outbox
+from project.store.tables import outbox as outbox_table
+from project.store.tables import utcnow
+from tests.integration.support.helpers import free_port
 
 ROW = "row-1"
 

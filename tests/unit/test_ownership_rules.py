@@ -13,18 +13,18 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from handlers import accounts, orders
 from handlers.messages import PlaceOrder, RegisterUser
-from sqlalchemy.exc import OperationalError
-
-from project import lease, ownership
-from project.cluster import ask_workers, find_conflicts
-from project.db import dispose, engine_for
 from project.errors import ConfigurationError, OwnerConflict
-from project.lease import Lease
-from project.registry import Registry
-from project.worker import parse_boundaries
+from project.messaging import ownership
+from project.messaging.registry import Registry
+from project.observe.cluster import ask_workers, find_conflicts
+from project.store import lease
+from project.store.engine import dispose, engine_for
+from project.store.lease import Lease
+from project.transport.worker import parse_boundaries
 
 REAL = "handlers.orders.place_order"
 ROGUE = "elsewhere.place_order"
@@ -249,7 +249,7 @@ def test_heartbeat_warns_while_the_database_is_down_and_keeps_its_queues(caplog)
     store = FakeLeases(down=True)
     heartbeat, lost = beating(store)
     # When a renewal is due
-    with caplog.at_level(logging.INFO, logger="project.ownership"):
+    with caplog.at_level(logging.INFO, logger="project.messaging.ownership"):
         heartbeat.tick()
         # Then it warns, says when it tries again, and keeps consuming every queue
         assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
@@ -267,7 +267,7 @@ def test_heartbeat_gives_up_a_queue_another_handler_took_and_logs_an_error(caplo
     store = FakeLeases(taken={PLACE: ROGUE})
     heartbeat, lost = beating(store)
     # When a renewal is due
-    with caplog.at_level(logging.INFO, logger="project.ownership"):
+    with caplog.at_level(logging.INFO, logger="project.messaging.ownership"):
         heartbeat.tick()
     # Then that queue is handed to on_lost and no longer renewed; the other one is kept
     assert lost == [PLACE]

@@ -202,7 +202,9 @@ def elsewhere() -> Iterator[Callable[[Command], list[str]]]:
 
 def arrived(command: Command) -> Command:
     """The command as the worker validates it: the body the caller sends, through JSON, key removed."""
-    from project.commands import body_of  # imported here: the hashing processes need no Celery
+    from project.messaging.commands import (
+        body_of,  # imported here: the hashing processes need no Celery
+    )
     body, _ = body_of(command, "key-1")
     fields = json.loads(json.dumps(body))
     fields.pop(IDEMPOTENCY_KEY)

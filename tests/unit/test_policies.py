@@ -16,7 +16,13 @@ from handlers.messages import OrderPlaced, PlaceOrder
 from project.core import Bus
 from project.durations import parse_duration
 from project.errors import ConfigurationError
-from project.retry import DEFAULT_SUBSCRIBER_POLICY, Backoff, check_visibility, default_command_policy, transient_errors
+from project.messaging.retry import (
+    DEFAULT_SUBSCRIBER_POLICY,
+    Backoff,
+    check_visibility,
+    default_command_policy,
+    transient_errors,
+)
 
 
 class GatewayDown(ConnectionError):

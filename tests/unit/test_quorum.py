@@ -8,11 +8,12 @@ import pytest
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 from sqlalchemy import select
 
-from project import dlx, quorum
-from project.db import dead_letters
+from project.dead_letters import dlx
 from project.errors import ConfigurationError
-from project.runtime import whole_seconds
-from project.topology import maintenance_queue, named_command_queue
+from project.messaging.runtime import whole_seconds
+from project.messaging.topology import maintenance_queue, named_command_queue
+from project.store.tables import dead_letters
+from project.transport import quorum
 
 QUORUM = {"BUS_RABBITMQ_QUEUE_TYPE": "quorum"}
 
@@ -59,8 +60,8 @@ def test_a_quorum_command_queue_is_reached_by_its_name_through_a_topic_exchange(
 
 def test_a_quorum_subscriber_queue_keeps_its_fanout_binding_beside_the_topic_one(quorum_mode):
     from handlers.messages import OrderPlaced
-    from project.registry import SubscriberBinding
-    from project.topology import subscriber_queue
+    from project.messaging.registry import SubscriberBinding
+    from project.messaging.topology import subscriber_queue
 
     # Given a subscriber of OrderPlaced
     def charge_payment(event):  # pragma: no cover - never run

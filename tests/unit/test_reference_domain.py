@@ -12,7 +12,13 @@ from sqlalchemy import func, select
 
 from adapters.orm import audit_log, port_calls
 from handlers.accounts import EmailAlreadyRegistered
-from handlers.messages import OrderPlaced, PaymentProcessed, PlaceOrder, RegisterUser, UserAccountCreated
+from handlers.messages import (
+    OrderPlaced,
+    PaymentProcessed,
+    PlaceOrder,
+    RegisterUser,
+    UserAccountCreated,
+)
 from project.errors import IdempotencyConflict, InvalidMessage
 
 ITEMS = [{"sku": "book", "quantity": 2, "unit_price": "12.50"}, {"sku": "pen", "quantity": 1, "unit_price": "1.99"}]
@@ -104,7 +110,7 @@ def test_the_same_key_with_another_payload_is_a_conflict(bus_harness):
 
 def test_an_invalid_foreign_message_is_dead_lettered_not_run(bus_harness):
     # Given a message whose fields do not fit the contract (as a foreign sender could send it)
-    from project.execution import Delivery
+    from project.messaging.execution import Delivery
     binding = bus_harness.bus.registry.commands["orders.place_order"]
     # When the bus executes it
     with pytest.raises(InvalidMessage, match="customer_id"):

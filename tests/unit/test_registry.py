@@ -13,7 +13,7 @@ import pytest
 from handlers import orders
 from handlers.messages import OrderPlaced, PlaceOrder, RegisterUser
 from project.errors import DuplicateCommandHandler, NotACommand, WrongBoundary
-from project.registry import Registry
+from project.messaging.registry import Registry
 from tests.conftest import REPO
 
 

@@ -1,4 +1,4 @@
-"""The workers' outbox relay (project/relay.py) without a broker: lease, ticks, settings.
+"""The workers' outbox relay (project/messaging/relay.py) without a broker: lease, ticks, settings.
 
 The lease lives in a real SQLite database (the unit `engine` fixture); the relaying
 itself is a fake that records what it was asked to publish.
@@ -13,9 +13,9 @@ import pytest
 from celery import Celery
 from sqlalchemy.engine import Engine
 
-from project import lease
 from project.errors import ConfigurationError
-from project.relay import LEASE, OutboxRelay, Relayer, RelayThread, install
+from project.messaging.relay import LEASE, OutboxRelay, Relayer, RelayThread, install
+from project.store import lease
 from tests.unit.test_settings import celeryconfig
 
 GRACE = timedelta(seconds=5)

@@ -1,4 +1,4 @@
-"""Celery's result backend in front of the bus (project/results.py): a command's result is stored once.
+"""Celery's result backend in front of the bus (project/store/results.py): a command's result is stored once.
 
 Celery's real database backend on a SQLite file of its own; the bus's claims in the
 harness's database. No broker, no worker.
@@ -12,18 +12,18 @@ from celery import states
 from celery.app.task import Context
 from sqlalchemy import create_engine, func, select, text
 
-from project import results
-from project.execution import Delivery
+from project.messaging.execution import Delivery
+from project.store import results
 
 REGISTER = "accounts.register_user"
 
 
 @pytest.mark.parametrize(("url", "setting"), [
-    ("redis://h:6379/0", "project.results:RedisBackend+redis://h:6379/0"),
-    ("rediss://h:6380/1", "project.results:RedisBackend+rediss://h:6380/1"),
-    ("redis+socket:///run/bus/redis.sock", "project.results:RedisBackend+socket:///run/bus/redis.sock"),
-    ("db+postgresql+psycopg://u@h/bus", "project.results:DatabaseBackend+postgresql+psycopg://u@h/bus"),
-    ("db+sqlite:///bus.db", "project.results:DatabaseBackend+sqlite:///bus.db"),
+    ("redis://h:6379/0", "project.store.results:RedisBackend+redis://h:6379/0"),
+    ("rediss://h:6380/1", "project.store.results:RedisBackend+rediss://h:6380/1"),
+    ("redis+socket:///run/bus/redis.sock", "project.store.results:RedisBackend+socket:///run/bus/redis.sock"),
+    ("db+postgresql+psycopg://u@h/bus", "project.store.results:DatabaseBackend+postgresql+psycopg://u@h/bus"),
+    ("db+sqlite:///bus.db", "project.store.results:DatabaseBackend+sqlite:///bus.db"),
     ("rpc://", "rpc://"),
 ])
 def test_the_bus_backend_goes_in_front_of_redis_and_database_backends_only(url, setting):

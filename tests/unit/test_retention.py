@@ -1,4 +1,4 @@
-"""Retention of the bus's tables (project/retention.py) on a migrated SQLite file.
+"""Retention of the bus's tables (project/store/retention.py) on a migrated SQLite file.
 
 Each table loses its rows past their retention, in batches; what the relay still owes
 (an unpublished outbox row, the inbox rows of its event) and an intake row whose key is
@@ -14,10 +14,10 @@ import pytest
 from sqlalchemy import event, insert, select
 from sqlalchemy.engine import Engine
 
-from project import retention
-from project.db import commands, executions, inbox, intake, outbox, utcnow
 from project.errors import ConfigurationError
-from project.retention import Retention
+from project.store import retention
+from project.store.retention import Retention
+from project.store.tables import commands, executions, inbox, intake, outbox, utcnow
 from tests.unit.test_settings import celeryconfig
 
 DAY = timedelta(days=1)

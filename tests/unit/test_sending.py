@@ -15,12 +15,12 @@ from kombu import Exchange
 from pydantic import ValidationError
 
 from handlers.messages import OrderPlaced, PlaceOrder, RegisterUser
-from project.commands import body_of, check_route, prepare
 from project.core import Bus
-from project.dispatch import own_queue
 from project.errors import MisroutedCommand, NotACommand
-from project.idempotency import TASK_ID_NAMESPACE, task_id_for
+from project.messaging.commands import body_of, check_route, prepare
 from project.settings import Settings
+from project.store.idempotency import TASK_ID_NAMESPACE, task_id_for
+from project.transport.dispatch import own_queue
 
 ITEMS = [{"sku": "book", "quantity": 2, "unit_price": "12.50"}]
 FIELDS = {"order_id": "o-1", "customer_id": "c-1", "items": ITEMS}
@@ -34,7 +34,7 @@ def place_order(cmd: PlaceOrder) -> dict:
 def bus(tmp_path: Path) -> Iterator[Bus]:
     """A bus on the in-memory transport, with PlaceOrder bound."""
     app = Celery(f"unit-{tmp_path.name}", broker="memory://", set_as_current=False)
-    app.conf.task_routes = ("project.routing.route_by_name",)
+    app.conf.task_routes = ("project.messaging.routing.route_by_name",)
     bus = Bus(app)
     bus.settings = Settings(home=tmp_path, broker_url="memory://", database_url=f"sqlite:///{tmp_path}/bus.db",
                             result_backend="", embedded=False)

@@ -13,11 +13,12 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql
 
 from handlers.messages import UserAccountCreated
-from project import idempotency, trace
-from project.db import commands, executions
-from project.execution import Delivery
 from project.headers import EVENT_ID
-from project.uow import _together
+from project.messaging.execution import Delivery
+from project.store import execution_log as trace
+from project.store import idempotency
+from project.store.tables import commands, executions
+from project.store.uow import _together
 from tests.statements import statements, until_commit
 
 REGISTER = "accounts.register_user"

@@ -15,9 +15,9 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from project.cli import cli
-from project.isolation import alive
-from project.up import Child, Runner, plan
+from project.cli.main import cli
+from project.cli.up import Child, Runner, plan
+from project.testing.isolation import alive
 
 BOUNDARIES = ["billing", "bus", "orders"]
 

@@ -1,0 +1,42 @@
+"""What every `bus` command group shares: the console, the loaded bus, option parsing."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import typer
+from rich.console import Console
+
+from project.durations import parse_duration
+
+console = Console()
+#: errors and progress go to stderr, so stdout stays parseable
+errors = Console(stderr=True)
+
+
+def loaded_bus():
+    """The bus with every tasks module of the configuration imported (full registry)."""
+    from project import app, bus
+    app.loader.import_default_modules()
+    return bus
+
+
+def ago(delta: timedelta) -> str:
+    """`delta` as an operator reads it, in its largest whole unit: 90s, 10m, 3h, 2d."""
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def duration(text: str, option: str) -> timedelta:
+    """`text` as a timedelta; a usage error naming `option` and the accepted forms otherwise."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+def redact(url: str) -> str:
+    head, _, tail = url.rpartition("@")
+    return f"{head.split('://')[0]}://***@{tail}" if head else url

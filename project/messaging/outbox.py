@@ -1,0 +1,242 @@
+"""The transactional outbox: what a handler publishes is committed with its state.
+
+`OutboxSink` is the `events` and `commands` dependency of handlers: it writes rows in
+the handler's transaction (nothing is published if it rolls back), with ids that are
+deterministic for the execution, so a re-run writes the same ids. After commit the
+worker publishes the rows at once (`publish`); `relay` publishes whatever a crash left
+behind, in batches, oldest first. Ordering: rows of one execution are published in the
+order they were raised; across executions and across the relay there is no order
+promise.
+
+Publishers that overlap (a worker's publish after its commit, the workers' relay thread,
+beat's relay task, `bus relay`) claim the rows they publish, so each row goes out once.
+A claim is one committed statement, `UPDATE .. SET claimed_until = now + CLAIM_TTL
+WHERE <unpublished and unclaimed> .. RETURNING ..` (on PostgreSQL its row selection
+skips rows another claim has locked); then the rows are published, then marked
+published. No lock is held while the broker takes the messages: on SQLite a claim held
+across a publish made every worker's commit wait for it (a confirmed publish to a
+quorum queue made a reader wait past its 60 s busy timeout). A failed publish gives the
+claim back at once; a crash leaves it to expire, after which the relay publishes the
+rows: nothing is lost, a crashed claim delays its rows by up to CLAIM_TTL. A publish
+after commit costs the claim and the mark, as the read and the mark did before. The one
+duplicate left: a row may be published twice (a crash between its publish and its
+mark, or a publish slower than CLAIM_TTL); the subscribers' inbox makes that harmless.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta, timezone
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+
+from sqlalchemy import Select, and_, func, or_, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from project.contracts import Command, Event
+from project.errors import NotACommand, WrongBoundary
+from project.headers import CAUSATION_HEADER, CORRELATION_HEADER, EVENT_ID
+from project.messaging.commands import body_of, check_route
+from project.messaging.topology import event_exchange, named_command_queue
+from project.store.engine import single_statements
+from project.store.tables import outbox, utcnow
+
+if TYPE_CHECKING:
+    from project.core import Bus
+
+logger = logging.getLogger(__name__)
+EVENT_ID_NAMESPACE = uuid.UUID("0c6b2f5e-93d1-4a57-8a0b-6e3f4f1d2a77")
+#: how long a publisher's claim keeps other publishers off its rows (a batch publishes in about a second)
+CLAIM_TTL = timedelta(seconds=30)
+
+
+@dataclass
+class OutboxSink:
+    """`events.publish(...)` / `commands.send(...)` inside one handler execution."""
+
+    session: Session
+    boundary: str
+    origin: str  # stable for the execution: "<task>:<idempotency key>" or "<subscriber>:<event id>"
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    written: list[str] = field(default_factory=list)
+
+    def _next_id(self) -> str:
+        return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{self.origin}:{len(self.written)}"))
+
+    def publish(self, event: Event) -> None:
+        """Record `event` for publication after commit; only its owner may publish it."""
+        if not isinstance(event, Event):
+            raise TypeError(f"events.publish() takes an Event contract instance, got {type(event).__name__}"
+                            + ("; send commands with commands.send(...)" if isinstance(event, Command) else ""))
+        if event.boundary != self.boundary:
+            raise WrongBoundary(
+                f"{type(event).__name__} is owned by boundary {event.boundary!r}; a handler of {self.boundary!r} "
+                f"cannot publish it. Publish an event of {self.boundary!r}, or send a command to "
+                f"{event.boundary!r} and let its handler publish {type(event).__name__}."
+            )
+        event_id = self._next_id()
+        self._write(event_id, "event", event.exchange_name(), {**event.payload(), EVENT_ID: event_id})
+
+    def send(self, command: Command, *, idempotency_key: str | None = None) -> None:
+        """Record `command` for sending after commit (choreography)."""
+        if not isinstance(command, Command):
+            raise NotACommand(f"commands.send() takes a Command contract instance, got {type(command).__name__}")
+        message_id = self._next_id()
+        body, task_id = body_of(command, idempotency_key or message_id)
+        self._write(task_id, "command", command.task_name(), body)
+
+    def _write(self, row_id: str, kind: str, name: str, payload: dict[str, Any]) -> None:
+        self.session.execute(outbox.insert().values(
+            id=row_id, kind=kind, name=name, payload=payload, created_at=utcnow(),
+            correlation_id=self.correlation_id, causation_id=self.causation_id))
+        self.written.append(row_id)
+
+
+class Publisher(Protocol):
+    """Takes the ids of outbox rows an execution committed."""
+
+    def publish(self, ids: list[str]) -> None: ...
+
+
+class BrokerPublisher:
+    """Publishes committed rows to the broker at once; on failure the relay will."""
+
+    def __init__(self, bus: "Bus") -> None:
+        self.bus = bus
+
+    def publish(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        try:
+            publish(self.bus, ids)
+        except Exception:  # the claim was given back (or, if only the mark failed, expires): the relay publishes them
+            logger.warning("publishing %d outbox row(s) failed; the relay will retry", len(ids), exc_info=True)
+
+
+def publish(bus: "Bus", ids: list[str]) -> int:
+    """Publish the outbox rows `ids` now (after their commit) unless another publisher has; the number published."""
+    if not ids:
+        return 0
+    position = {row_id: n for n, row_id in enumerate(ids)}
+    now = utcnow()
+    return _claim_and_publish(bus, _claimable(now).where(outbox.c.id.in_(ids)), now, lambda row: position[row.id])
+
+
+def relay(bus: "Bus", batch: int = 500, grace: timedelta = timedelta(0)) -> int:
+    """Publish every unpublished row older than `grace`, `batch` at a time; the number published."""
+    total = 0
+    while True:
+        now = utcnow()
+        oldest = _claimable(now).where(outbox.c.created_at <= now - grace).order_by(outbox.c.created_at).limit(batch)
+        count = _claim_and_publish(bus, oldest, now, lambda row: row.created_at)
+        total += count
+        if count < batch:  # the rest, if any, is claimed by another publisher
+            return total
+
+
+def waiting(engine: Engine, older_than: timedelta) -> tuple[int, timedelta]:
+    """(unpublished rows committed over `older_than` ago, how long the oldest of them has waited)."""
+    now = utcnow()
+    with engine.connect() as conn:
+        count, oldest = conn.execute(select(func.count(), func.min(outbox.c.created_at))
+                                     .where(outbox.c.published_at.is_(None),
+                                            outbox.c.created_at <= now - older_than)).one()
+    if not count:
+        return 0, timedelta(0)
+    return count, now - (oldest if oldest.tzinfo else oldest.replace(tzinfo=timezone.utc))
+
+
+def _unclaimed(now: Any) -> Any:
+    """Unpublished, and nobody's claim on it runs past `now`."""
+    return and_(outbox.c.published_at.is_(None),
+                or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < now))
+
+
+def _claimable(now: Any) -> Select:
+    """The ids of rows a publisher may claim (on PostgreSQL rows locked by a claim in progress are skipped)."""
+    return select(outbox.c.id).where(_unclaimed(now)).with_for_update(skip_locked=True)
+
+
+def _claim_and_publish(bus: "Bus", claimable: Select, now: Any, order: Callable[[Any], Any]) -> int:
+    """Claim the rows of `claimable`, publish them in `order`, mark them published; the number published."""
+    until = now + CLAIM_TTL
+    # the outer condition again: PostgreSQL re-checks it on a row a concurrent claim just took
+    claim = (update(outbox).where(outbox.c.id.in_(claimable), _unclaimed(now)).values(claimed_until=until)
+             .returning(*outbox.c))
+    engine = bus.engine()
+    with single_statements(engine) as conn:
+        rows = sorted(conn.execute(claim).all(), key=order)
+    if not rows:
+        return 0
+    ids = [row.id for row in rows]
+    try:
+        _publish_rows(bus, rows)
+    except BaseException:
+        with single_statements(engine) as conn:  # give the claim back: the relay's next tick retries
+            conn.execute(update(outbox).where(outbox.c.id.in_(ids), outbox.c.claimed_until == until)
+                         .values(claimed_until=None))
+        raise
+    with single_statements(engine) as conn:
+        conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(published_at=utcnow()))
+    logger.debug("published %d outbox row(s)", len(rows))
+    return len(rows)
+
+
+class _NoSentEvent:
+    """Drops Celery's `task-sent` event of an event's publish: an event is not a task.
+
+    No worker runs a task of the event's id (subscribers run copies with ids of their
+    own), so Flower would list the event as a PENDING task forever.
+    """
+
+    def publish(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def kwargs_repr(payload: dict[str, Any], limit: int = 1024) -> str:
+    """What Flower shows as an event's kwargs: Celery's saferepr, without its cost per row.
+
+    A payload is JSON (str, numbers, lists, dicts), whose repr saferepr would give as is;
+    saferepr walks it in Python, which was a tenth of the relay's time. Cut at `limit`
+    characters, as saferepr is.
+    """
+    text = repr(payload)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@contextmanager
+def _batched_events(channel: Any) -> Iterator[Callable[[], None]]:
+    """On the bus's Redis transport, the batch's events in one pipelined round trip
+    (project/transport/redis_transport.py); elsewhere (RabbitMQ) one publish each, as before."""
+    if hasattr(channel, "fanout_batch"):
+        with channel.fanout_batch():
+            yield channel.flush_fanout
+    else:
+        yield lambda: None
+
+
+def _publish_rows(bus: "Bus", rows: list[Any]) -> None:
+    app = bus.app
+    # Exchange and queues of each event are built and declared with its first row of the
+    # batch only: per row, that cost the relay about a fifth of its time (docs/benchmarks.md).
+    exchanges: dict[str, Any] = {}
+    with app.producer_or_acquire() as producer, _batched_events(producer.channel) as flush:
+        for row in rows:
+            headers = {CORRELATION_HEADER: row.correlation_id, CAUSATION_HEADER: row.causation_id}
+            if row.kind == "event":
+                exchange, declare = exchanges.get(row.name), []
+                if exchange is None:
+                    exchange = exchanges[row.name] = event_exchange(row.name)
+                    declare = [exchange, *bus.topology.subscriber_queues(row.name)]
+                app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer,
+                              exchange=exchange, routing_key=row.name, ignore_result=True, headers=headers,
+                              declare=declare, event_dispatcher=_NoSentEvent(),
+                              argsrepr="()", kwargsrepr=kwargs_repr(row.payload))
+            else:
+                check_route(row.name, {})
+                flush()  # the events before it go out first: the rows' order is kept
+                app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer,
+                              queue=named_command_queue(row.name), headers=headers)

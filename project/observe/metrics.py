@@ -1,0 +1,248 @@
+"""Prometheus metrics of the bus, served by a worker started with `--metrics-port PORT`.
+
+Why prometheus-client's multiprocess mode (and not a Celery-events exporter): the
+prefork pool runs handlers in child processes, and the facts worth counting are known
+there, some of them only there (a duplicate absorbed by the claim, a dead letter written
+by the execution). Each child writes its counters to memory-mapped files in
+PROMETHEUS_MULTIPROC_DIR; the worker's main process sums them on every scrape. No
+broker traffic is added, no event is lost when the event stream is busy, and a child
+replaced by the pool keeps its counts. An events exporter would see only Celery's task
+states, and every worker would receive every other worker's events.
+
+The worker creates a fresh directory for this when PROMETHEUS_MULTIPROC_DIR is not set
+(and deletes it at shutdown); if you set it, give each worker its own empty directory.
+Without `--metrics-port` (and without PROMETHEUS_MULTIPROC_DIR) every function here is a
+no-op and prometheus-client is never imported.
+
+Per task (label `task`: the command or subscriber name, or `events.<event>` for published
+events):
+- bus_messages_sent_total: messages this worker published (events and commands of its
+  handlers; not retries); bus_messages_received_total: deliveries it received;
+- bus_tasks_succeeded_total / _failed_total / _retried_total: Celery's outcome of each
+  attempt (a refused or dead-lettered command ends as failed);
+- bus_dead_letters_total{task, reason}: messages put in the dead-letter store;
+- bus_duplicates_absorbed_total: deliveries that found their work already done;
+- bus_handler_duration_seconds: one delivery's run in the pool (validate, claim, handler,
+  commit, publish).
+Read at scrape time by the main process:
+- bus_outbox_backlog: outbox rows committed but not yet published;
+- bus_outbox_relay_lag_seconds: age of the oldest of them (0 when there is none);
+- bus_queue_depth{queue}: messages ready in each queue this worker consumes (every
+  worker of a queue reports it: aggregate with max, not sum).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import click
+from celery import Celery, bootsteps, signals
+
+if TYPE_CHECKING:
+    from project.core import Bus
+
+logger = logging.getLogger(__name__)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_lock = threading.Lock()
+_metrics: SimpleNamespace | None = None
+_buses: dict[int, "Bus"] = {}
+_started: dict[str, float] = {}  # task id -> perf_counter at prerun (one pool process runs one task)
+
+
+def enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def _get() -> SimpleNamespace | None:
+    """The metric objects of this process, created on first use once metrics are enabled."""
+    global _metrics
+    if _metrics is not None or not enabled():
+        return _metrics
+    with _lock:
+        if _metrics is None:
+            from prometheus_client import Counter, Histogram, values
+            if getattr(values.ValueClass, "__name__", "") != "MmapedValue":
+                # prometheus-client was imported before the directory was set: switch it now
+                values.ValueClass = values.MultiProcessValue()
+            _metrics = SimpleNamespace(
+                sent=Counter("bus_messages_sent", "Messages published by this worker (not retries).", ["task"]),
+                received=Counter("bus_messages_received", "Deliveries received by this worker.", ["task"]),
+                succeeded=Counter("bus_tasks_succeeded", "Attempts that succeeded.", ["task"]),
+                failed=Counter("bus_tasks_failed", "Attempts that failed for good.", ["task"]),
+                retried=Counter("bus_tasks_retried", "Attempts that failed and were retried.", ["task"]),
+                dead=Counter("bus_dead_letters", "Messages put in the dead-letter store.", ["task", "reason"]),
+                absorbed=Counter("bus_duplicates_absorbed", "Deliveries whose work was already done.", ["task"]),
+                duration=Histogram("bus_handler_duration_seconds",
+                                   "Seconds one delivery ran in the pool (validate, claim, handler, commit).",
+                                   ["task"]),
+            )
+    return _metrics
+
+
+# ---- called by the bus -----------------------------------------------------------
+def absorbed(task: str) -> None:
+    """A duplicate delivery of `task` found its work done."""
+    metrics = _get()
+    if metrics is not None:
+        metrics.absorbed.labels(task).inc()
+
+
+def dead_lettered(task: str | None, reason: str) -> None:
+    """A message of `task` went to the dead-letter store for `reason`."""
+    metrics = _get()
+    if metrics is not None:
+        metrics.dead.labels(task or "", reason).inc()
+
+
+# ---- Celery signals --------------------------------------------------------------
+def _published(sender: str | None = None, headers: dict | None = None, **_: Any) -> None:
+    metrics = _get()
+    if metrics is not None and sender and not (headers or {}).get("retries"):
+        metrics.sent.labels(sender).inc()
+
+
+def _received(request: Any = None, **_: Any) -> None:
+    metrics = _get()
+    if metrics is not None and request is not None:
+        metrics.received.labels(request.name).inc()
+
+
+def _prerun(task_id: str | None = None, **_: Any) -> None:
+    if task_id and enabled():
+        _started[task_id] = time.perf_counter()
+
+
+def _postrun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    began = _started.pop(task_id, None) if task_id else None
+    metrics = _get()
+    if metrics is not None and began is not None and task is not None:
+        metrics.duration.labels(task.name).observe(time.perf_counter() - began)
+
+
+def _counter(name: str):
+    def count(sender: Any = None, **_: Any) -> None:
+        metrics = _get()
+        if metrics is not None and sender is not None:
+            getattr(metrics, name).labels(getattr(sender, "name", str(sender))).inc()
+    return count
+
+
+# ---- the worker's side -----------------------------------------------------------
+def install(app: Celery, bus: "Bus") -> None:
+    """Add `--metrics-port` to `app`'s workers and count what its processes do."""
+    _buses[id(app)] = bus
+    app.user_options["worker"].add(click.Option(
+        ("--metrics-port",), type=int, default=None,
+        help="Serve Prometheus metrics on this port (address: BUS_METRICS_ADDRESS, default 0.0.0.0)."))
+    app.steps["worker"].add(MetricsServer)
+    signals.after_task_publish.connect(_published, weak=False)
+    signals.task_received.connect(_received, weak=False)
+    signals.task_prerun.connect(_prerun, weak=False)
+    signals.task_postrun.connect(_postrun, weak=False)
+    for name, signal in (("succeeded", signals.task_success), ("failed", signals.task_failure),
+                         ("retried", signals.task_retry)):
+        signal.connect(_counter(name), weak=False)
+
+
+class MetricsServer(bootsteps.StartStopStep):
+    """Serves /metrics from the worker's main process (started before the pool forks)."""
+
+    label = "bus-metrics"
+
+    def __init__(self, worker: Any, metrics_port: int | None = None, **options: Any) -> None:
+        self.port, self.owned_dir, self.server = metrics_port, None, None
+        if metrics_port and not enabled():
+            # before the pool forks: every child inherits the directory
+            self.owned_dir = tempfile.mkdtemp(prefix="bus-metrics-")
+            os.environ[MULTIPROC_ENV] = self.owned_dir
+        super().__init__(worker, **options)
+
+    def include_if(self, worker: Any) -> bool:
+        return bool(self.port)
+
+    def start(self, worker: Any) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        registry.register(BusGauges(worker.app, _buses[id(worker.app)]))
+        address = os.environ.get("BUS_METRICS_ADDRESS", "0.0.0.0")
+        self.server, _thread = start_http_server(self.port, addr=address, registry=registry)
+        logger.info("metrics on http://%s:%d/metrics", address, self.port)
+
+    def stop(self, worker: Any) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def shutdown(self, worker: Any) -> None:
+        self.stop(worker)
+        if self.owned_dir:
+            shutil.rmtree(self.owned_dir, ignore_errors=True)
+
+
+class BusGauges:
+    """Outbox backlog, relay lag and queue depths, read when Prometheus scrapes."""
+
+    def __init__(self, app: Celery, bus: "Bus") -> None:
+        self.app, self.bus = app, bus
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        try:
+            backlog, lag = self.outbox()
+        except Exception:  # a scrape must answer: the gauge is left out, the log says why
+            logger.warning("metrics: cannot read the outbox", exc_info=True)
+        else:
+            yield GaugeMetricFamily("bus_outbox_backlog", "Outbox rows committed but not yet published.",
+                                    value=backlog)
+            yield GaugeMetricFamily("bus_outbox_relay_lag_seconds",
+                                    "Age of the oldest unpublished outbox row (0: none).", value=lag)
+        depth = GaugeMetricFamily("bus_queue_depth", "Messages ready in a queue this worker consumes.",
+                                  labels=["queue"])
+        for queue, count in self.queue_depths().items():
+            depth.add_metric([queue], count)
+        yield depth
+
+    def outbox(self) -> tuple[int, float]:
+        from sqlalchemy import func, select
+
+        from project.store.tables import outbox, utcnow
+        with self.bus.engine().connect() as conn:
+            count, oldest = conn.execute(select(func.count(), func.min(outbox.c.created_at))
+                                         .where(outbox.c.published_at.is_(None))).one()
+        if oldest is None:
+            return count, 0.0
+        now = utcnow() if oldest.tzinfo else utcnow().replace(tzinfo=None)
+        return count, max(0.0, (now - oldest).total_seconds())
+
+    def queue_depths(self) -> dict[str, int]:
+        names = sorted(self.app.amqp.queues.consume_from or {})
+        depths: dict[str, int] = {}
+        try:
+            with self.app.connection_for_read() as conn:
+                for name in names:
+                    channel = conn.channel()
+                    try:
+                        if hasattr(channel, "_size"):
+                            # kombu's virtual transports (Redis): an empty queue is a missing key, which
+                            # a passive declare reports as "no queue"; _size sums the priority lists
+                            depths[name] = int(channel._size(name))
+                        else:
+                            depths[name] = channel.queue_declare(queue=name, passive=True).message_count
+                    except Exception:  # not declared yet (RabbitMQ closes the channel): no sample
+                        logger.debug("metrics: no depth for queue %s", name, exc_info=True)
+                    finally:
+                        try:
+                            channel.close()
+                        except Exception:  # noqa: BLE001 - already closed by the broker
+                            pass
+        except Exception:
+            logger.warning("metrics: cannot reach the broker for queue depths", exc_info=True)
+        return depths

@@ -1,0 +1,244 @@
+"""The in-process test kit: the real bus, without a broker, Celery or waiting.
+
+`BusHarness` runs the application's real registry, contract validation, idempotency
+claims, outbox and inbox and retry policies (project/messaging/execution.py) against a SQLite
+file of its own, with an in-memory queue and a controllable clock: a retry scheduled
+30 s ahead runs at once, and the clock says it is 30 s later. It records what was
+sent, published, handled, retried and dead-lettered, for assertions:
+
+    def test_placing_an_order_charges_once(bus_harness):
+        bus_harness.send(PlaceOrder(...), idempotency_key="k")
+        bus_harness.send(PlaceOrder(...), idempotency_key="k")
+        bus_harness.run_until_idle()
+        assert bus_harness.published(OrderPlaced) == [OrderPlaced(...)]
+        assert bus_harness.handled("billing.charge_payment") == 1
+
+The `bus_harness` fixture comes with the package's pytest plugin (project/testing/pytest_plugin.py).
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from sqlalchemy import select, update
+
+from project.contracts import Command, DomainError, Event
+from project.errors import IdempotencyConflict, InvalidMessage, NotACommand
+from project.headers import EVENT_ID
+from project.messaging.commands import body_of, check_route
+from project.messaging.execution import Delivery, RetryLater
+from project.store.engine import dispose
+from project.store.tables import dead_letters, outbox, utcnow
+from project.transport.dispatch import copy_task_id
+
+if TYPE_CHECKING:
+    from project.core import Bus
+
+E = TypeVar("E", bound=Event)
+C = TypeVar("C", bound=Command)
+
+
+class FakeClock:
+    """Seconds since the harness started; moves only when told to (or when waiting is due)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass(frozen=True)
+class Run:
+    """One delivery the harness executed, and what came of it."""
+
+    name: str
+    message_id: str
+    attempt: int
+    outcome: str  # ran | duplicate | retried | refused | invalid | dead-lettered
+    at: float
+    error: BaseException | None = None
+
+
+@dataclass(order=True)
+class _Pending:
+    due: float
+    seq: int
+    delivery: Delivery = field(compare=False)
+    fields: dict[str, Any] = field(compare=False)
+
+
+class Failing:
+    """A dependency whose first `times` method calls raise `error` (then it behaves)."""
+
+    def __init__(self, target: Any, budget: Counter, name: str, error: Callable[[str], BaseException]) -> None:
+        self._target, self._budget, self._name, self._error = target, budget, name, error
+
+    def __getattr__(self, method: str) -> Any:
+        attr = getattr(self._target, method)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._budget[self._name] > 0:
+                self._budget[self._name] -= 1
+                raise self._error(f"{self._name}.{method} failed (injected by the harness)")
+            return attr(*args, **kwargs)
+        return call
+
+
+class BusHarness:
+    """Drives the bus in process; see the module docstring."""
+
+    def __init__(self, bus: "Bus", database_url: str, clock: FakeClock | None = None) -> None:
+        self.bus, self.database_url = bus, database_url
+        self.clock = clock or FakeClock()
+        self.runs: list[Run] = []
+        self.results: dict[str, Any] = {}
+        self._queue: list[_Pending] = []
+        self._seq = itertools.count()
+        self._sent: list[Command] = []
+        self._failures: Counter = Counter()
+        self._stack = ExitStack()
+
+    def __enter__(self) -> "BusHarness":
+        self._stack.enter_context(self.bus.redirected(database_url=self.database_url, publisher=self))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+        dispose(self.database_url)
+
+    # ---- driving -----------------------------------------------------------------
+    def send(self, command: C, *, idempotency_key: str | None = None) -> str:
+        """Send a command as `bus.send` would; returns its message (task) id."""
+        if not isinstance(command, Command):
+            raise NotACommand(f"the harness sends Command contract instances, got {type(command).__name__}")
+        name = command.task_name()
+        check_route(name, {})
+        body, task_id = body_of(command, idempotency_key)
+        self._sent.append(command)
+        self._enqueue(Delivery(name=name, message_id=task_id), body)
+        return task_id
+
+    def run_until_idle(self, max_steps: int = 10_000) -> list[Run]:
+        """Execute deliveries (moving the clock to each retry's time) until none is left."""
+        done: list[Run] = []
+        for _ in range(max_steps):
+            if not self._queue:
+                return done
+            pending = heapq.heappop(self._queue)
+            self.clock.now = max(self.clock.now, pending.due)
+            done.append(self._execute(pending))
+        raise RuntimeError(f"still busy after {max_steps} deliveries: a handler keeps producing messages?")
+
+    def fail(self, dependency: str, times: int, error: Callable[[str], BaseException] = ConnectionError) -> None:
+        """Make the dependency `dependency` (e.g. "gateway") fail its next `times` calls."""
+        original = self.bus.provider(dependency)
+        if self._failures[dependency] == 0 and not getattr(original, "_harness_failing", False):
+            def failing(uow: Any) -> Failing:
+                return Failing(original(uow), self._failures, dependency, error)
+            failing._harness_failing = True  # type: ignore[attr-defined]
+            self.bus.provide(dependency, failing)
+            self._stack.callback(self.bus.provide, dependency, original)
+        self._failures[dependency] += times
+
+    # ---- Publisher (what executions committed to the outbox) ---------------------
+    def publish(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        with self.bus.engine().begin() as conn:
+            rows = conn.execute(select(outbox).where(outbox.c.id.in_(ids)).order_by(outbox.c.created_at)).all()
+            for row in rows:
+                self._route(row)
+            conn.execute(update(outbox).where(outbox.c.id.in_(ids)).values(published_at=utcnow()))
+
+    def _route(self, row: Any) -> None:
+        if row.kind == "command":
+            self._enqueue(Delivery(name=row.name, message_id=row.id, correlation_id=row.correlation_id), row.payload)
+            return
+        for subscriber in sorted(s.name for s in self.bus.registry.subscribers.values()
+                                 if s.contract.exchange_name() == row.name):
+            self._enqueue(Delivery(name=subscriber, message_id=copy_task_id(row.id, subscriber),
+                                   correlation_id=row.correlation_id, root_id=row.id), row.payload)
+
+    # ---- assertions --------------------------------------------------------------
+    def published(self, event_type: type[E]) -> list[E]:
+        """Events of `event_type` committed to the outbox, oldest first."""
+        with self.bus.engine().connect() as conn:
+            rows = conn.execute(select(outbox.c.payload).where(outbox.c.kind == "event",
+                                                               outbox.c.name == event_type.exchange_name())
+                                .order_by(outbox.c.created_at)).all()
+        return [event_type.model_validate({k: v for k, v in r.payload.items() if k != EVENT_ID}) for r in rows]
+
+    def sent(self, command_type: type[C] | None = None) -> list[Command]:
+        """Commands sent through the harness and by handlers (via the outbox)."""
+        with self.bus.engine().connect() as conn:
+            rows = conn.execute(select(outbox.c.name, outbox.c.payload).where(outbox.c.kind == "command")
+                                .order_by(outbox.c.created_at)).all()
+        contracts = {b.name: b.contract for b in self.bus.registry.commands.values()}
+        by_handlers = [contracts[r.name].model_validate({k: v for k, v in r.payload.items()
+                                                         if k != "idempotency_key"})
+                       for r in rows if r.name in contracts]
+        everything = self._sent + by_handlers
+        return [c for c in everything if command_type is None or isinstance(c, command_type)]
+
+    def handled(self, name: str) -> int:
+        """How many deliveries of task/queue `name` ran their handler to commit."""
+        return sum(1 for r in self.runs if r.name == name and r.outcome == "ran")
+
+    def retries(self, name: str) -> int:
+        """How many times `name` was scheduled for a retry."""
+        return sum(1 for r in self.runs if r.name == name and r.outcome == "retried")
+
+    def outcomes(self, name: str) -> list[str]:
+        return [r.outcome for r in self.runs if r.name == name]
+
+    def dead_letters(self, name: str | None = None) -> list[Any]:
+        """Dead-letter rows (all, or of task/queue `name`)."""
+        query = select(dead_letters).order_by(dead_letters.c.id)
+        if name is not None:
+            query = query.where(dead_letters.c.task == name)
+        with self.bus.engine().connect() as conn:
+            return conn.execute(query).all()
+
+    def result(self, message_id: str) -> Any:
+        """What `AsyncResult.get()` would give for `message_id`: the value, or it raises."""
+        outcome = self.results[message_id]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    # ---- internals ---------------------------------------------------------------
+    def _enqueue(self, delivery: Delivery, fields: dict[str, Any], delay: float = 0.0) -> None:
+        heapq.heappush(self._queue, _Pending(self.clock.now + delay, next(self._seq), delivery, dict(fields)))
+
+    def _execute(self, pending: _Pending) -> Run:
+        delivery, registry = pending.delivery, self.bus.registry
+        command = registry.commands.get(delivery.name)
+        try:
+            if command is not None:
+                executed = self.bus.execution.command(command, pending.fields, delivery)
+                self.results[delivery.message_id] = executed.value
+            else:
+                executed = self.bus.execution.subscriber(registry.subscribers[delivery.name], pending.fields, delivery)
+            outcome, error = ("ran" if executed.ran else "duplicate"), None
+        except RetryLater as later:
+            self._enqueue(Delivery(delivery.name, delivery.message_id, delivery.attempt + 1,
+                                   delivery.correlation_id, delivery.root_id), pending.fields, later.delay)
+            outcome, error = "retried", later.cause
+        except InvalidMessage as exc:
+            outcome, error = "invalid", exc
+        except (DomainError, IdempotencyConflict) as exc:
+            outcome, error = "refused", exc
+        except Exception as exc:  # noqa: BLE001 - the execution dead-lettered it
+            outcome, error = "dead-lettered", exc
+        if error is not None and outcome != "retried" and command is not None:
+            self.results[delivery.message_id] = error
+        run = Run(delivery.name, delivery.message_id, delivery.attempt, outcome, self.clock.now, error)
+        self.runs.append(run)
+        return run

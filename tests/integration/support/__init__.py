@@ -1,0 +1,1 @@
+"""Integration helpers: services, scenarios, worker task modules and client processes the tests drive."""

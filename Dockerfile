@@ -25,8 +25,19 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN groupadd --system --gid 10001 bus \
     && useradd --system --uid 10001 --gid bus --home-dir /var/lib/bus --create-home bus
 COPY --from=build /opt/venv /opt/venv
-# The Alembic scripts are not a Python package, so the install does not carry them:
-# `bus db upgrade` finds them through BUS_MIGRATIONS.
+# This repository's application (the shop) is not in the wheel: it is copied to /app and
+# imported from there, and its celeryconfig.py (the bus's settings, its task modules, its
+# `bus demo` and `bus api`) is every process's config module. The working directory stays
+# /var/lib/bus (beat keeps its schedule there), hence BUS_CONFIG_MODULE.
+ENV PYTHONPATH=/app \
+    BUS_CONFIG_MODULE=celeryconfig
+COPY celeryconfig.py /app/
+COPY handlers/ /app/handlers/
+COPY tasks/ /app/tasks/
+COPY adapters/ /app/adapters/
+COPY entrypoints/ /app/entrypoints/
+# The bus's own migrations ship in the package; the shop's (migrations/, not a package)
+# are copied here, and `bus db upgrade` runs them after the bus's through BUS_MIGRATIONS.
 COPY migrations/ /opt/bus/migrations/
 USER bus
 # Writable by the bus user: beat keeps its celerybeat-schedule file here.

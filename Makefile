@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine (see README.md): `make demo` and `make test`.
 # Both create .venv if it is missing and install the project into it; the install is
 # redone only when pyproject.toml changes (the stamp file records the last one).
+# The install is the bus alone; `bus demo` and the tests find this repository's application
+# (celeryconfig.py, tasks/, handlers/, adapters/, entrypoints/) in the working directory.
 
 PYTHON_FOR_VENV ?= python3
 VENV := .venv

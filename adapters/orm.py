@@ -1,9 +1,12 @@
-"""Tables of the reference domain, on the bus's metadata (so one migration history holds all)."""
+"""Tables of the reference domain, on their own metadata: the shop's migrations (migrations/ in the
+repository) create them, after the bus's (project/store/migrations) created the bus_* tables."""
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, DateTime, Integer, String, Table
+from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
 
-from project.store.tables import metadata, utcnow
+from project.store.tables import utcnow
+
+metadata = MetaData()
 
 orders = Table(
     "orders", metadata,

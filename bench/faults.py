@@ -535,7 +535,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def relay_loop() -> None:  # beat's bus.relay_outbox, every second
             while not relay_stop.wait(1.0):
                 try:
-                    relay(bus, grace=timedelta(seconds=3))
+                    relay(bus.wiring, grace=timedelta(seconds=3))
                 except Exception as exc:  # noqa: BLE001 - an outage; the next round retries
                     say(args, f"relay: {exc!r}")
         threading.Thread(target=relay_loop, daemon=True).start()

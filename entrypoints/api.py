@@ -65,7 +65,8 @@ def create_app(bus: Any = None) -> FastAPI:
 
     def submit(command: Command, key: str | None, response: Response) -> AcceptedBody:
         try:
-            accepted = accept(the_bus(), command, key or str(uuid.uuid4()))
+            serving = the_bus()
+            accepted = accept(serving.engine(), serving.send, command, key or str(uuid.uuid4()))
         except IdempotencyConflict as exc:
             raise HTTPException(status_code=409, detail=str(exc)) from None
         response.headers["Location"] = f"/commands/{accepted.id}"

@@ -1,11 +1,13 @@
-"""The `bus` console command: the bus's generic commands plus this application's demo."""
+"""This application's own `bus` commands: `bus demo` and `bus api`.
+
+celeryconfig.py names `register` (`bus_cli = "entrypoints.cli:register"`); the generic `bus`
+command (project/cli/main.py) calls it with its Typer app when run from the repository root.
+"""
+import typer
+
 from entrypoints.demo import demo
-from project.cli.main import cli, run
-
-cli.command()(demo)
 
 
-@cli.command()
 def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the HTTP intake (POST /orders, POST /users, GET /commands/{id}); needs the `api` extra."""
     try:
@@ -15,5 +17,7 @@ def api(host: str = "127.0.0.1", port: int = 8000) -> None:
     uvicorn.run("entrypoints.api:app", host=host, port=port)
 
 
-def main() -> None:
-    run(cli)
+def register(cli: typer.Typer) -> None:
+    """Add `bus demo` and `bus api` to `cli`."""
+    cli.command()(demo)
+    cli.command()(api)

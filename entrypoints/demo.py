@@ -18,11 +18,12 @@ from pathlib import Path
 import typer
 from kombu import Connection
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
-console = Console(stderr=True)
+from project.observe.console import make_console
+
+console = make_console(stderr=True)
 ITEMS = [{"sku": "book", "quantity": 2, "unit_price": "12.50"}, {"sku": "pen", "quantity": 1, "unit_price": "1.99"}]
 
 
@@ -200,5 +201,6 @@ def show(summary: dict) -> None:
         table.add_row(f"events handled by {subscriber}", str(count))
     for port, count in sorted(summary["port_effects"].items()):
         table.add_row(f"effects on port: {port}", str(count))
-    Console().print(table)
-    Console().print(f"the first order's conversation, with billing's retries: bus trace {summary['first_order']}")
+    out = make_console()
+    out.print(table)
+    out.print(f"the first order's conversation, with billing's retries: bus trace {summary['first_order']}")

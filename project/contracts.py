@@ -2,7 +2,7 @@
 
 A `Command` is an intent with exactly one owner; an `Event` is a fact with many
 listeners. Each contract names the boundary that owns it, and its broker names derive
-from that (see DESIGN.md, naming): `orders.place_order` for the command `PlaceOrder` of
+from that (docs/design.md, "Naming"): `orders.place_order` for the command `PlaceOrder` of
 boundary `orders`, `events.order_placed` for the event `OrderPlaced`.
 
 This module depends on pydantic only.

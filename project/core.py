@@ -9,7 +9,6 @@ execution, by the providers registered under the same names.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from contextlib import contextmanager
@@ -21,14 +20,16 @@ from celery import Celery
 from celery.result import AsyncResult
 from sqlalchemy.engine import Engine
 
-from project.contracts import Command, Event, MessageContext
-from project.errors import MissingDependency, NotACommand
+from project.contracts import Command, Event
+from project.errors import NotACommand
 from project.messaging import outbox
-from project.messaging.commands import CommandTask, body_of, check_route, run_command
+from project.messaging.commands import CommandTask, run_command
 from project.messaging.execution import Execution
 from project.messaging.outbox import Publisher
-from project.messaging.registry import CommandBinding, Registry, SubscriberBinding
+from project.messaging.providers import Provider, Providers
+from project.messaging.registry import Registry
 from project.messaging.retry import Backoff, default_command_policy
+from project.messaging.sending import body_of, check_route
 from project.messaging.subscribers import SubscriberTask, run_subscriber
 from project.messaging.topology import (
     Topology,
@@ -36,17 +37,14 @@ from project.messaging.topology import (
     named_command_queue,
     subscriber_queue,
 )
+from project.messaging.wiring import Wiring
 from project.settings import Settings, load
 from project.store import retention
 from project.store.engine import engine_for
 from project.store.tables import utcnow
-from project.store.uow import UnitOfWork
 from project.transport import embedded
 
 logger = logging.getLogger(__name__)
-Provider = Callable[[UnitOfWork], Any]
-#: dependencies every handler may ask for, built by the bus per execution
-BUILTINS = ("events", "commands", "context")
 
 
 class Bus:
@@ -57,10 +55,12 @@ class Bus:
         self.registry = Registry()
         self.topology = Topology(self.registry)
         self.command_policy = command_policy or default_command_policy()
-        self.execution = Execution(self)
+        self.providers = Providers()
+        #: what publishing, replaying, the survey and the worker use of this bus
+        self.wiring = Wiring(app, self.topology, self.engine, self.ensure_broker)
         #: where committed outbox rows go: the broker (the test harness puts its own here)
-        self.publisher: Publisher = outbox.BrokerPublisher(self)
-        self._providers: dict[str, Provider] = {}
+        self.publisher: Publisher = outbox.BrokerPublisher(self.wiring)
+        self.execution = Execution(self.engine, lambda: self.publisher, lambda: self.command_policy, self.providers)
         self._database_url: str | None = None
         self._broker_checked = False
         self._lock = threading.Lock()
@@ -106,44 +106,16 @@ class Bus:
     def _task(self, binding: Any, queue: Any, base: type, body: Callable[..., Any]) -> Any:
         """Register `binding`'s queue (as the topology defines it) and its Celery task."""
         self.app.amqp.queues[binding.name] = queue
-        return self.app.task(name=binding.name, base=base, bind=True, shared=False,
-                             bus=self, binding=binding, acks_late=True)(body)
+        return self.app.task(name=binding.name, base=base, bind=True, shared=False, execution=self.execution,
+                             ensure_broker=staticmethod(self.ensure_broker), binding=binding, acks_late=True)(body)
 
     def provide(self, name: str, factory: Provider) -> None:
         """Provide the handler dependency `name`, built per execution from the unit of work."""
-        self._providers[name] = factory
+        self.providers.provide(name, factory)
 
     def provider(self, name: str) -> Provider:
         """The factory of dependency `name` (KeyError if nothing provides it)."""
-        return self._providers[name]
-
-    def sink(self, uow: UnitOfWork, boundary: str, origin: str, context: MessageContext) -> outbox.OutboxSink:
-        """The `events`/`commands` dependency of one execution (writes to the outbox).
-
-        What it publishes belongs to the same conversation and was caused by this message.
-        """
-        return outbox.OutboxSink(uow.session, boundary, origin, correlation_id=context.correlation_id,
-                                 causation_id=context.message_id)
-
-    def dependencies(self, binding: CommandBinding | SubscriberBinding, uow: UnitOfWork,
-                     sink: outbox.OutboxSink, context: MessageContext) -> dict[str, Any]:
-        """The keyword-only arguments of `binding`'s handler, built for this execution."""
-        builtins = {"events": sink, "commands": sink, "context": context}
-        return {name: builtins[name] if name in builtins else self._providers[name](uow)
-                for name in self.check_dependencies(binding)}
-
-    def check_dependencies(self, binding: CommandBinding | SubscriberBinding) -> list[str]:
-        """The handler's dependency names; raise if one has no provider."""
-        names = [p.name for p in inspect.signature(binding.handler).parameters.values()
-                 if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        missing = [n for n in names if n not in self._providers and n not in BUILTINS]
-        if missing:
-            raise MissingDependency(
-                f"{binding.handler_name} needs {', '.join(missing)} but nothing provides "
-                f"{'it' if len(missing) == 1 else 'them'}; add bus.provide({missing[0]!r}, lambda uow: ...) "
-                f"in the tasks module that binds it (provided: {sorted(self._providers) or 'none'})"
-            )
-        return names
+        return self.providers.provider(name)
 
     # ---- sending -----------------------------------------------------------------
     def send(self, command: Command, *, idempotency_key: str | None = None, **options: Any) -> AsyncResult:

@@ -3,7 +3,7 @@
 `celery -A project.bench.bare worker` is the baseline the bus is compared with. It
 shares with the bus only what makes the comparison fair:
 - the broker (the same URL, kombu's own transports: no bus transport is installed),
-- the delivery semantics the bus's celeryconfig chooses (JSON, late acks, reject on a
+- the delivery semantics the bus's settings choose (project/config.py: JSON, late acks, reject on a
   lost worker, the prefetch multiplier, the Redis transport options), and the pool and
   concurrency, which `bus bench` passes to both workers.
 Everything else is Celery's default: no result backend (results ignored), no task
@@ -26,7 +26,7 @@ import os
 from celery import Celery
 from kombu import Exchange, Queue
 
-import celeryconfig
+from project import config as bus_config
 from project.bench import probe as bench_probe
 from project.settings import load
 
@@ -58,7 +58,7 @@ STORE_RESULTS = os.environ.get("BUS_BENCH_BARE_RESULTS", "") == "on"
 
 _settings = load()
 app = Celery("bench_bare")
-app.conf.update({name: getattr(celeryconfig, name) for name in SHARED_SETTINGS if hasattr(celeryconfig, name)})
+app.conf.update({name: getattr(bus_config, name) for name in SHARED_SETTINGS if hasattr(bus_config, name)})
 app.conf.update(
     broker_url=_settings.broker_url,
     result_backend=_settings.result_backend if STORE_RESULTS else None,

@@ -7,7 +7,7 @@ run's own server, flushed after use), and is measured exactly as bare Celery is:
 - a real worker of the peer, started by its own CLI
   (`dramatiq project.bench.peer_dramatiq`, `faststream run project.bench.peer_faststream:app`);
 - a sending process (project/bench/peer_sender.py) that sends N messages as fast as one
-  thread can, with the same requests and repeats as the Celery sides (bench.Bench);
+  thread can, with the same requests and repeats as the Celery sides (project/bench/phases.py);
 - throughput from the first send to the last completion as the worker saw it
   (project/bench/peer_probe.py, the counterpart of project/bench/probe.py);
 - fan-out: FastStream's K subscribers of one message (a RabbitMQ fanout exchange bound
@@ -20,7 +20,7 @@ FastStream `--workers C` (C processes, an asyncio event loop each, async no-op h
 `--pool solo` is C=1. Prefetch is each library's default for that concurrency and is
 recorded in the report, as are the delivery settings: every side acks after the
 handler and sends persistent messages, with publisher confirms where the bus and bare
-Celery use them (RabbitMQ: celeryconfig's confirm_publish). The bench's --loglevel goes
+Celery use them (RabbitMQ: project/config.py's confirm_publish). The bench's --loglevel goes
 to every worker: at `info` Celery and FastStream log each message, dramatiq does not.
 """
 from __future__ import annotations
@@ -42,7 +42,9 @@ from rich.console import Console
 from rich.table import Table
 
 from project.bench import peer_probe as bench_peer_probe
-from project.bench import run as core
+from project.bench.common import BenchError, Options, fmt, load_average, median, ratio
+from project.bench.installation import Sender
+from project.bench.phases import Bench
 from project.testing import isolation
 from project.testing.processes import WorkerProcess
 
@@ -56,7 +58,7 @@ READY_TIMEOUT = 90.0
 NOT_MEASURED = "no fan-out"
 
 
-def check(options: "core.Options", installed: Callable[[str], bool] | None = None) -> None:
+def check(options: Options, installed: Callable[[str], bool] | None = None) -> None:
     """Refuse, with the fix, a --peers run that cannot measure them (typer exits 2)."""
     if options.pool not in POOLS:
         raise typer.BadParameter(f"the peers match Celery's prefork pool (C processes, one message at a time "
@@ -72,13 +74,13 @@ def check(options: "core.Options", installed: Callable[[str], bool] | None = Non
                                  f"extra: {EXTRA}", param_hint="--peers")
 
 
-def processes(options: "core.Options") -> int:
+def processes(options: Options) -> int:
     """How many worker processes match the Celery workers' pool and concurrency."""
     return 1 if options.pool == "solo" else options.concurrency
 
 
-def publisher_confirms(options: "core.Options") -> bool:
-    """Whether the peers send with publisher confirms: where celeryconfig gives them to the bus and bare Celery."""
+def publisher_confirms(options: Options) -> bool:
+    """Whether the peers send with publisher confirms: where project/config.py gives them to the bus and bare Celery."""
     return options.broker == "amqp"
 
 
@@ -91,25 +93,25 @@ class PeerWorker:
         self.counts = counts
 
     def probe(self, op: str = "read", count: int = 0) -> dict[str, Any]:
-        """The counters, in bench_probe's shape (for bench.Bench.drain)."""
+        """The counters, in bench_probe's shape (for phases.Bench.drain)."""
         if self.process.process.poll() is not None:
-            raise core.BenchError(f"{self.process.hostname} exited with {self.process.process.returncode}; "
-                                  f"log {self.process.logfile}:\n{self.process.log()[-2000:]}")
+            raise BenchError(f"{self.process.hostname} exited with {self.process.process.returncode}; "
+                             f"log {self.process.logfile}:\n{self.process.log()[-2000:]}")
         return bench_peer_probe.read(self.counts)
 
     def wait_ready(self, expected: int, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while self.probe()["processes"] < expected:
             if time.monotonic() > deadline:
-                raise core.BenchError(f"{self.process.hostname}: {expected} worker processes not consuming after "
-                                      f"{timeout:g}s; log {self.process.logfile}:\n{self.process.log()[-2000:]}")
+                raise BenchError(f"{self.process.hostname}: {expected} worker processes not consuming after "
+                                 f"{timeout:g}s; log {self.process.logfile}:\n{self.process.log()[-2000:]}")
             time.sleep(0.1)
 
     def stop(self) -> None:
         self.process.stop(grace=10)
 
 
-def _command(peer: str, options: "core.Options") -> list[str]:
+def _command(peer: str, options: Options) -> list[str]:
     count = str(processes(options))
     if peer == "dramatiq":
         return [sys.executable, "-m", "dramatiq", "project.bench.peer_dramatiq", "--processes", count,
@@ -121,7 +123,7 @@ def _command(peer: str, options: "core.Options") -> list[str]:
 class PeerRun:
     """One worker group of one peer (a context manager): its namespace, worker and sender, released on exit."""
 
-    def __init__(self, bench: "core.Bench", peer: str, subscribers: int) -> None:
+    def __init__(self, bench: Bench, peer: str, subscribers: int) -> None:
         self.bench, self.peer, self.subscribers = bench, peer, subscribers
         self.stack = ExitStack()
         self.namespace: dict[str, Any] = {}
@@ -146,8 +148,8 @@ class PeerRun:
             self.worker = PeerWorker(WorkerProcess(popen, f"{self.peer} worker", logfile, {}), counts)
             self.stack.callback(self.worker.stop)
             inst.cleanups.append(self.worker.stop)  # also on an interrupt between here and close()
-            self.sender = core.Sender.start(self.peer, env, inst.home, inst.home / "logs" / f"sender-{tag}.log",
-                                            module="project.bench.peer_sender")
+            self.sender = Sender.start(self.peer, env, inst.home, inst.home / "logs" / f"sender-{tag}.log",
+                                       module="project.bench.peer_sender")
             self.stack.callback(self.sender.close)
             inst.cleanups.append(self.sender.close)
             self.worker.wait_ready(processes(o))
@@ -190,13 +192,13 @@ def _release(cleanups: isolation.Cleanups) -> None:
 
 
 # ---- the phases ---------------------------------------------------------------------------
-def measure(bench: "core.Bench") -> dict[str, Any]:
+def measure(bench: Bench) -> dict[str, Any]:
     """Every peer's raw runs: `commands` and, per K, `fanout` (absent where the peer has none)."""
     o = bench.options
     warm = 4 * processes(o)
     found: dict[str, Any] = {}
     for peer in PEERS:
-        runs: dict[str, Any] = {"commands": [], "fanout": {}, "created": [], "load_before": core._load()}
+        runs: dict[str, Any] = {"commands": [], "fanout": {}, "created": [], "load_before": load_average()}
         title = TITLES[peer]
         if "commands" in o.phases:
             with PeerRun(bench, peer, 0) as run:
@@ -214,13 +216,13 @@ def measure(bench: "core.Bench") -> dict[str, Any]:
                 for r in range(o.repeat):
                     runs["fanout"][k].append(bench.fanout(f"{title} fan-out K={k} [{r + 1}/{o.repeat}]",
                                                           run.worker, run.sender, events, k))
-        runs["load_after"] = core._load()
+        runs["load_after"] = load_average()
         found[peer] = runs
     return found
 
 
 # ---- report -------------------------------------------------------------------------------
-def settings(peer: str, options: "core.Options") -> dict[str, Any]:
+def settings(peer: str, options: Options) -> dict[str, Any]:
     """What each peer ran with (recorded in the report)."""
     count, amqp = processes(options), options.broker == "amqp"
     if peer == "dramatiq":
@@ -235,15 +237,15 @@ def settings(peer: str, options: "core.Options") -> dict[str, Any]:
             else "streams with consumer groups; fan-out: one stream, K groups"}
 
 
-def summarize(options: "core.Options", raw: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+def summarize(options: Options, raw: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     """Per peer: medians; `bus_ratio` bus ÷ peer and `bare_ratio` bare Celery ÷ peer; versions and settings."""
     found = {}
     for peer, runs in raw.items():
-        per_s = core._median(runs["commands"], "per_s")
+        per_s = median(runs["commands"], "per_s")
         entry: dict[str, Any] = {
-            "commands": {"per_s": per_s, "send_per_s": core._median(runs["commands"], "send_per_s"),
-                         "bus_ratio": core._ratio(summary["commands"]["bus"], per_s),
-                         "bare_ratio": core._ratio(summary["commands"]["bare"], per_s)},
+            "commands": {"per_s": per_s, "send_per_s": median(runs["commands"], "send_per_s"),
+                         "bus_ratio": ratio(summary["commands"]["bus"], per_s),
+                         "bare_ratio": ratio(summary["commands"]["bare"], per_s)},
             "fanout": {}, "version": importlib.metadata.version(peer), "settings": settings(peer, options),
             "load_before": runs["load_before"], "load_after": runs["load_after"],
             "created_and_removed": runs["created"]}
@@ -253,12 +255,12 @@ def summarize(options: "core.Options", raw: dict[str, Any], summary: dict[str, A
                 entry["fanout"][str(k)] = {"not_measured": NO_FANOUT.get(peer, "not run")}
                 continue
             bus = summary["fanout"].get(str(k), {})
-            peer_per_s = core._median(fan, "per_s")
+            peer_per_s = median(fan, "per_s")
             entry["fanout"][str(k)] = {
                 "per_s": peer_per_s, "events": fan[0]["events"] if fan else 0,
                 "delivered": min(r["done"] / r["expected"] for r in fan) if fan else math.nan,
-                "bus_ratio": core._ratio(bus.get("bus", math.nan), peer_per_s),
-                "bare_ratio": core._ratio(bus.get("bare", math.nan), peer_per_s)}
+                "bus_ratio": ratio(bus.get("bus", math.nan), peer_per_s),
+                "bare_ratio": ratio(bus.get("bare", math.nan), peer_per_s)}
         found[peer] = entry
     return found
 
@@ -277,9 +279,8 @@ def render(report: dict[str, Any], console: Console) -> None:
 
     def row(name: str, commands: float | None, sends: float | None, fans: list[Any], load: str) -> None:
         bus = [s["commands"]["bus"], *(s["fanout"][k]["bus"] for k in ks)]
-        table.add_row(name, core._fmt(commands), core._fmt(sends), *(core._fmt(f) if f != NOT_MEASURED else f
-                                                                    for f in fans),
-                      *(core._fmt(b / f, 2) if _number(b) and _number(f) else "-"
+        table.add_row(name, fmt(commands), fmt(sends), *(fmt(f) if f != NOT_MEASURED else f for f in fans),
+                      *(fmt(b / f, 2) if _number(b) and _number(f) else "-"
                         for b, f in zip(bus, [commands, *fans])), load)
     # the Celery sides ran first: from the run's start until the first peer started
     first_peer = next(iter(s["peers"].values()), {})

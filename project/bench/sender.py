@@ -92,7 +92,7 @@ def relay(side: Side, n: int, batch: int = 500) -> dict[str, Any]:
                 sink.publish(BenchPublished(seq=seq))
             uow.commit()
     written = time.time()
-    published = outbox.relay(bus, batch=batch)
+    published = outbox.relay(bus.wiring, batch=batch)
     return {"write_s": written - started, "relay_s": time.time() - written, "published": published}
 
 

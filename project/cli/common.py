@@ -1,21 +1,30 @@
-"""What every `bus` command group shares: the console, the loaded bus, option parsing."""
+"""What every `bus` command group shares: the consoles, the loaded bus, option parsing."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import NoReturn
 
 import typer
-from rich.console import Console
 
 from project.durations import parse_duration
+from project.observe.console import make_console
 
-console = Console()
+console = make_console()
 #: errors and progress go to stderr, so stdout stays parseable
-errors = Console(stderr=True)
+errors = make_console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Refuse with one line on stderr, `error: message` (the message names the fix), and exit `code`."""
+    errors.print(f"[red]error[/red]: {message}", highlight=False)
+    raise typer.Exit(code)
 
 
 def loaded_bus():
     """The bus with every tasks module of the configuration imported (full registry)."""
     from project import app, bus
+    from project.settings import require_task_modules
+    require_task_modules(app.conf)  # none configured: one line naming BUS_TASK_MODULES (exit 2)
     app.loader.import_default_modules()
     return bus
 

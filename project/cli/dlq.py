@@ -128,12 +128,12 @@ def replay(ids: Optional[list[int]] = typer.Argument(None, metavar="[ID]...", he
         if queue and queue not in {q.name for q in bus.topology.queues()}:
             raise DeadLetterError(f"--queue {queue!r} is not a queue of this bus; `bus topology` lists them")
         if len(rows) < PROGRESS_FROM or as_json:
-            sent = replay_rows(bus, rows)
+            sent = replay_rows(bus.wiring, rows)
         else:
             with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                           console=errors, transient=True) as progress:
                 task = progress.add_task("replay", total=len(rows))
-                sent = replay_rows(bus, rows, on_sent=lambda _row: progress.advance(task))
+                sent = replay_rows(bus.wiring, rows, on_sent=lambda _row: progress.advance(task))
     except DeadLetterError as exc:
         _fail(str(exc))
     if as_json:
@@ -167,7 +167,7 @@ def drain(as_json: bool = typer.Option(False, "--json", help="Print the count as
     from project.dead_letters.dlx import drain as drain_queue
     bus = _bus()
     try:
-        count = drain_queue(bus)
+        count = drain_queue(bus.settings)
     except DeadLetterExchangeError as exc:
         _fail(str(exc))
     if as_json:

@@ -1,16 +1,18 @@
 """The `bus` command: operate the bus from a terminal.
 
-Generic commands live here; an application adds its own (the reference domain adds
-`bus demo` in entrypoints/cli.py).
+Generic commands live here; an application adds its own through its config module's
+`bus_cli` (project/cli/application.py; this repository's celeryconfig.py adds `bus demo`
+and `bus api` from entrypoints/cli.py).
 """
 from __future__ import annotations
 
+import os
+import sys
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import typer
 
-from project.bench.run import bench
 from project.cli.catalog import catalog
 from project.cli.common import ago, console, duration, loaded_bus, redact
 from project.cli.dlq import dlq_cli
@@ -28,7 +30,16 @@ cli.add_typer(dlq_cli, name="dlq")
 cli.add_typer(owners_cli, name="owners")  # project/cli/owners.py
 cli.command()(topology)  # project/cli/observe.py
 cli.command()(trace)
-cli.command()(bench)  # project/bench/run.py
+
+
+@cli.command(add_help_option=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Measure the bus against bare Celery on one broker and database: throughput, fan-out, latency, relay."""
+    # imported when it runs, so that the bench stays off the bus's import path; its options and --help are its own
+    from project.bench.run import app
+    app(args=ctx.args, prog_name=ctx.command_path)
+
+
 cli.command("catalog")(catalog)  # project/cli/catalog.py
 cli.command()(up)  # project/cli/up.py
 
@@ -46,8 +57,8 @@ def check(timeout: float = typer.Option(2.0, help="Seconds to wait for worker re
     from project.observe.drift import examine
     age = duration(outbox_age, "--outbox-age")
     bus = loaded_bus()
-    report = survey(bus, timeout)
-    broker = examine(bus, timeout, rabbitmqctl)
+    report = survey(bus.wiring, timeout)
+    broker = examine(bus.app, bus.topology, timeout, rabbitmqctl)
     for line in report.conflicts:
         console.print(f"[red]conflict[/red]: {line}")
     for queue in report.unconsumed:
@@ -119,7 +130,7 @@ def relay(once: bool = typer.Option(False, "--once", help="Publish what is pendi
     from project.messaging.outbox import relay as relay_rows
     bus = loaded_bus()
     while True:
-        count = relay_rows(bus, batch=batch, grace=timedelta(seconds=grace))
+        count = relay_rows(bus.wiring, batch=batch, grace=timedelta(seconds=grace))
         if count or once:
             console.print(f"relayed {count} outbox row(s)")
         if once:
@@ -128,13 +139,15 @@ def relay(once: bool = typer.Option(False, "--once", help="Publish what is pendi
 
 
 @db_cli.command("upgrade")
-def db_upgrade(revision: str = typer.Argument("head")) -> None:
-    """Apply the Alembic migrations to BUS_DATABASE_URL (default .bus/bus.db)."""
-    from project.settings import load
-    from project.store.migrate import upgrade
-    url = load().database_url
-    upgrade(url, revision)
-    console.print(f"database at {redact(url)} is at {revision}")
+def db_upgrade(revision: str = typer.Argument("heads", help="heads (every history), bus@head or <branch>@head.")) -> None:
+    """Apply the bus's migrations, then the application's (BUS_MIGRATIONS), to BUS_DATABASE_URL (default .bus/bus.db)."""
+    from project.settings import current
+    from project.store.migrate import current_applications, upgrade
+    url = current().database_url
+    applications = current_applications()
+    upgrade(url, revision, applications)
+    also = "".join(f" and {path}" for path in applications)
+    console.print(f"database at {redact(url)} is at {revision} of the bus's migrations{also}")
 
 
 @embedded_cli.command("start")
@@ -143,8 +156,20 @@ def embedded_start() -> None:
     from project.settings import load
     from project.transport import embedded
     home = load().home
-    started = embedded.ensure_running(home)
-    console.print(f"embedded broker {'started' if started else 'already running'}: pid {embedded.pid(home)}")
+    started = embedded.ensure_running(home, keep=True)  # not stopped when this command exits
+    console.print(f"embedded broker {'started' if started else 'already running'}: {embedded.describe(home)}",
+                  highlight=False)
+
+
+@embedded_cli.command("status")
+def embedded_status() -> None:
+    """Whether the embedded broker runs: its PID, the process that started it, and when it stops."""
+    from project.settings import load
+    from project.transport import embedded
+    home = load().home
+    running = embedded.describe(home)
+    console.print(f"embedded broker running: {running}" if running else f"embedded broker not running (BUS_HOME {home})",
+                  highlight=False)
 
 
 @embedded_cli.command("stop")
@@ -155,10 +180,13 @@ def embedded_stop() -> None:
     console.print("stopped" if embedded.stop(load().home) else "not running")
 
 
-def run(app: typer.Typer) -> Any:
-    """Run `app`; a bus error (bad configuration, refused input) is one line and exit 2, not a traceback."""
+def run(app: typer.Typer, *extensions: Callable[[typer.Typer], None]) -> Any:
+    """Run `app` once `extensions` added their commands; a bus error (bad configuration, refused input),
+    there or in a command, is one line and exit 2, not a traceback."""
     from project.errors import BusError
     try:
+        for extend in extensions:
+            extend(app)
         return app()
     except BusError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -166,4 +194,7 @@ def run(app: typer.Typer) -> Any:
 
 
 def main() -> Any:
-    return run(cli)
+    """The `bus` console script: the generic commands and the application's, run from the working directory."""
+    from project.cli import application
+    sys.path.insert(0, os.getcwd())  # the application's modules (celeryconfig.py, tasks), as `celery -A` finds them
+    return run(cli, application.extend)

@@ -17,7 +17,8 @@ def topology(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
              mermaid: bool = typer.Option(False, "--mermaid", help="A Mermaid flowchart of the message flow.")) -> None:
     """Print every command and event with its task, queue, exchange, handler and retry policy."""
     from project.observe.mermaid import describe, flowchart, policy_text
-    catalog = describe(loaded_bus())
+    bus = loaded_bus()
+    catalog = describe(bus.topology, bus.command_policy)
     if as_json:
         typer.echo(json.dumps(catalog, indent=2))
         return

@@ -278,11 +278,11 @@ def up(
     api_port: int = typer.Option(8000, "--api-port", min=1, max=65535, help="The HTTP intake's port."),
 ) -> None:
     """Run the bus in this terminal: a worker per boundary, beat, Flower and the API (Ctrl-C stops all)."""
-    from project import app, bus
+    from project.cli.common import loaded_bus
     from project.messaging.topology import Topology
     from project.store.migrate import upgrade
     from project.transport import embedded
-    app.loader.import_default_modules()
+    bus = loaded_bus()
     known = Topology(bus.registry).boundaries()
     boundaries = parse_only(only, known) or sorted(known)
     settings = bus.settings

@@ -34,7 +34,9 @@ from project.store.tables import dead_letters, utcnow
 from project.transport.dispatch import own_queue
 
 if TYPE_CHECKING:
-    from project.core import Bus
+    from celery import Celery
+
+    from project.messaging.wiring import Wiring
 
 logger = logging.getLogger(__name__)
 
@@ -128,25 +130,25 @@ def _text(raw: bytes) -> str | None:
 
 
 # ---- replay ------------------------------------------------------------------------------
-def replay(bus: "Bus", rows: Sequence[Any], on_sent: Callable[[Any], None] | None = None) -> int:
+def replay(wiring: "Wiring", rows: Sequence[Any], on_sent: Callable[[Any], None] | None = None) -> int:
     """Re-send `rows` each to its own queue; the number sent. Checks every row before sending any."""
-    queues = {q.name: q for q in bus.topology.queues()}
+    queues = {q.name: q for q in wiring.topology.queues()}
     for row in rows:
         if row.queue not in queues:
             raise DeadLetterError(
                 f"dead letter {row.id} failed in queue {row.queue!r}, which is not a queue of this bus "
                 f"(check BUS_TASK_MODULES lists the tasks module that binds it); nothing was replayed")
-        if row.reason in FIELD_REASONS and row.task not in bus.app.tasks:
+        if row.reason in FIELD_REASONS and row.task not in wiring.app.tasks:
             raise DeadLetterError(f"dead letter {row.id} is a message of task {row.task!r}, which no loaded "
                                   f"tasks module binds; nothing was replayed")
-    bus.ensure_broker()
-    engine = bus.engine()
-    with bus.app.producer_or_acquire() as producer:
+    wiring.ensure_broker()
+    engine = wiring.engine()
+    with wiring.app.producer_or_acquire() as producer:
         for row in rows:
             # marked first: a replay that fails at once re-records the row, which must then stay pending
             _mark(engine, row.id, replayed=True)
             try:
-                _send(bus, producer, row, queues[row.queue])
+                _send(wiring.app, producer, row, queues[row.queue])
             except BaseException:
                 _mark(engine, row.id, replayed=False)
                 raise
@@ -163,10 +165,10 @@ def _mark(engine: Engine, row_id: int, replayed: bool) -> None:
         conn.execute(update(dead_letters).where(dead_letters.c.id == row_id).values(**values))
 
 
-def _send(bus: "Bus", producer: Any, row: Any, queue: Any) -> None:
+def _send(app: "Celery", producer: Any, row: Any, queue: Any) -> None:
     if row.reason in FIELD_REASONS:
         fields = json.loads(bytes(row.body).decode(row.content_encoding or "utf-8"))
-        bus.app.send_task(row.task, kwargs=fields, task_id=row.message_id, producer=producer,
+        app.send_task(row.task, kwargs=fields, task_id=row.message_id, producer=producer,
                           headers={CORRELATION_HEADER: row.correlation_id}, **own_queue(row.queue))
         return
     headers = {k: v for k, v in (row.headers or {}).items() if not k.startswith(BROKER_HEADER_PREFIXES)}

@@ -38,23 +38,22 @@ mode defaults to `arguments` and `off` is refused; in `arguments` the queues als
 from __future__ import annotations
 
 import logging
-import os
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from kombu import Connection, Consumer, Exchange, Queue
 
 from project.dead_letters import store as deadletters
-from project.errors import BusError, ConfigurationError
+from project.errors import BusError
+from project.settings import current
 from project.store.engine import engine_for
 from project.transport import quorum
 
 if TYPE_CHECKING:
-    from project.core import Bus
+    from project.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-MODES = ("off", "arguments", "policy")
 #: the queues a `policy` applies to: the bus's `<boundary>.<name>` queues (not bus.dead_letter)
 POLICY_PATTERN = r"^(?!bus\.dead_letter$)[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$"
 EXCHANGE = QUEUE = "bus.dead_letter"
@@ -66,21 +65,10 @@ class DeadLetterExchangeError(BusError):
     """Dead-lettering through RabbitMQ is not available here (not RabbitMQ, or turned off)."""
 
 
-def mode(env: Mapping[str, str] | None = None) -> str:
-    """The configured mode (BUS_RABBITMQ_DEAD_LETTERS), checked; `arguments` by default with quorum queues."""
-    value = (os.environ if env is None else env).get("BUS_RABBITMQ_DEAD_LETTERS", "").strip()
-    if quorum.enabled(env):
-        if value == "off":
-            raise ConfigurationError(
-                "BUS_RABBITMQ_DEAD_LETTERS=off with BUS_RABBITMQ_QUEUE_TYPE=quorum: a quorum queue drops a "
-                "message past its delivery limit unless it dead-letters it; unset BUS_RABBITMQ_DEAD_LETTERS "
-                "(quorum queues then use 'arguments') or set it to 'policy' (see project/transport/quorum.py)")
-        value = value or "arguments"
-    value = value or "off"
-    if value not in MODES:
-        raise ConfigurationError(f"BUS_RABBITMQ_DEAD_LETTERS={value!r}: use one of {', '.join(MODES)} "
-                                 f"(see project/dead_letters/dlx.py for what each does)")
-    return value
+def mode(settings: "Settings | None" = None) -> str:
+    """The configured mode (BUS_RABBITMQ_DEAD_LETTERS, checked by project/settings.py; `arguments` by default
+    with quorum queues); this process's settings by default."""
+    return (settings or current()).dead_letters
 
 
 def queue_arguments() -> dict[str, Any] | None:
@@ -132,8 +120,7 @@ class DeadLetterDrain(bootsteps.ConsumerStep):
     drains = amqp = False
 
     def start(self, c: Any) -> None:
-        from project.settings import load
-        self.database_url = load().database_url
+        self.database_url = current().database_url
         self.amqp = c.connection.transport.driver_type == "amqp"
         self.drains = DRAINED_BY in (c.app.amqp.queues.consume_from or {})
         if self.amqp and mode() != "off":
@@ -163,24 +150,24 @@ def install(app: Any) -> None:
     app.steps["consumer"].add(DeadLetterDrain)
 
 
-def drain(bus: "Bus", limit: int | None = None) -> int:
+def drain(settings: "Settings", limit: int | None = None) -> int:
     """Move what is in `bus.dead_letter` now into the store; the number moved."""
-    if bus.settings.broker_kind != "amqp":
+    if settings.broker_kind != "amqp":
         raise DeadLetterExchangeError(
-            f"the broker is {bus.settings.broker_kind}: only RabbitMQ dead-letters messages itself; "
+            f"the broker is {settings.broker_kind}: only RabbitMQ dead-letters messages itself; "
             f"on Redis every refused message is already in the store (`bus dlq list`)")
-    if mode() == "off":
+    if mode(settings) == "off":
         raise DeadLetterExchangeError("BUS_RABBITMQ_DEAD_LETTERS is off: nothing is dead-lettered to "
                                       f"{EXCHANGE}; set it to 'arguments' or 'policy' (see docs/failures.md)")
     moved = 0
-    with Connection(bus.settings.broker_url) as conn:
+    with Connection(settings.broker_url) as conn:
         queue = dead_letter_queue()(conn.default_channel)
         queue.declare()
         while limit is None or moved < limit:
             message = queue.get(no_ack=False, accept=None)
             if message is None:
                 return moved
-            keep(message, bus.settings.database_url)
+            keep(message, settings.database_url)
             message.ack()
             moved += 1
     return moved

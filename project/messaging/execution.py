@@ -8,7 +8,7 @@ harness (project/testing/harness.py) run the same code from here:
   transaction; a domain refusal rolls the handler back to a savepoint and is stored under
   the claim it keeps; a duplicate gets the stored outcome, a conflicting payload is refused;
 - a subscriber claims (event, subscriber) in its inbox in one transaction with its effects;
-- what a handler publishes goes to the outbox and is handed to `bus.publisher` after commit;
+- what a handler publishes goes to the outbox and is handed to the bus's publisher after commit;
   a redelivery that finds its execution committed hands over what that execution left
   unpublished (project/messaging/redispatch.py);
 - a failure the policy retries raises `RetryLater`; one it gives up on is dead-lettered;
@@ -22,7 +22,7 @@ import logging
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
@@ -39,7 +39,10 @@ from project.store.tables import utcnow
 from project.store.uow import UnitOfWork
 
 if TYPE_CHECKING:
-    from project.core import Bus
+    from sqlalchemy.engine import Engine
+
+    from project.messaging.outbox import Publisher
+    from project.messaging.providers import Providers
     from project.messaging.registry import CommandBinding, SubscriberBinding
 
 logger = logging.getLogger(__name__)
@@ -84,10 +87,16 @@ class RetryLater(Exception):
 
 
 class Execution:
-    """Runs deliveries against the bus's store."""
+    """Runs deliveries against the bus's store.
 
-    def __init__(self, bus: "Bus") -> None:
-        self.bus = bus
+    `engine`, `publisher` and `command_policy` are called at each use: the bus may be
+    redirected (the in-process test harness) or given another publisher or policy.
+    """
+
+    def __init__(self, engine: Callable[[], "Engine"], publisher: Callable[[], "Publisher"],
+                 command_policy: Callable[[], Backoff], providers: "Providers") -> None:
+        self.engine, self.publisher, self.command_policy = engine, publisher, command_policy
+        self.providers = providers
 
     # ---- commands ----------------------------------------------------------------
     def command(self, binding: "CommandBinding", fields: dict[str, Any], delivery: Delivery) -> Executed:
@@ -102,15 +111,15 @@ class Execution:
         except (DomainError, IdempotencyConflict):
             raise
         except Exception as exc:
-            raise self._failure(binding, self.bus.command_policy, exc, {**payload, IDEMPOTENCY_KEY: key}, delivery)
-        self.bus.publisher.publish(committed)
+            raise self._failure(binding, self.command_policy(), exc, {**payload, IDEMPOTENCY_KEY: key}, delivery)
+        self.publisher().publish(committed)
         return executed
 
     def _command_once(self, binding, command: Command, key: str, payload: dict[str, Any],
                       delivery: Delivery) -> tuple[Executed, list[str]]:
         """Run the handler under the claim, or get the stored outcome; and the outbox ids to publish now."""
         name, digest = binding.name, command.payload_hash(received=True)  # validated from the message body
-        with UnitOfWork(self.bus.engine()) as uow:
+        with UnitOfWork(self.engine()) as uow:
             for _ in range(CLAIM_ATTEMPTS):
                 if idempotency.claim(uow.session, name, key, digest, payload, delivery.message_id):
                     return self._run_claimed(binding, command, key, delivery, uow)
@@ -127,10 +136,11 @@ class Execution:
                      uow: UnitOfWork) -> tuple[Executed, list[str]]:
         """Run the handler of a claimed key and store its outcome in the claim's transaction."""
         name, context = binding.name, delivery.context(key)
-        sink = self.bus.sink(uow, binding.boundary, f"{name}:{key}", context)
+        sink = self.providers.sink(uow, binding.boundary, f"{name}:{key}", context)
         undo = uow.savepoint()
         try:
-            result = to_jsonable_python(binding.handler(command, **self.bus.dependencies(binding, uow, sink, context)))
+            arguments = self.providers.dependencies(binding, uow, sink, context)
+            result = to_jsonable_python(binding.handler(command, **arguments))
         except DomainError as exc:
             # The handler's writes are undone, the claim is kept: a duplicate waiting on its
             # row gets this refusal; after a rollback it would claim the key and run again.
@@ -185,12 +195,12 @@ class Execution:
             ran, published = self._subscriber_once(binding, event, event_id, delivery)
         except Exception as exc:
             raise self._failure(binding, binding.retry, exc, body, delivery)
-        self.bus.publisher.publish(published)
+        self.publisher().publish(published)
         return Executed(None, ran)
 
     def _subscriber_once(self, binding, event, event_id: str, delivery: Delivery) -> tuple[bool, list[str]]:
         """(True, outbox ids written) if the handler ran; (False, what its earlier run left unpublished) if not."""
-        with UnitOfWork(self.bus.engine()) as uow:
+        with UnitOfWork(self.engine()) as uow:
             if not inbox.claim(uow.session, event_id, binding.name):
                 left = redispatch.left_unpublished(uow.session, delivery.message_id, binding.name, delivery.started_at)
                 uow.commit()
@@ -201,8 +211,8 @@ class Execution:
                                    binding.name, event_id, len(left))
                 return False, left
             context = delivery.context(f"{binding.name}:{event_id}")
-            sink = self.bus.sink(uow, binding.boundary, f"{binding.name}:{event_id}", context)
-            binding.handler(event, **self.bus.dependencies(binding, uow, sink, context))
+            sink = self.providers.sink(uow, binding.boundary, f"{binding.name}:{event_id}", context)
+            binding.handler(event, **self.providers.dependencies(binding, uow, sink, context))
             uow.write(execution_log.succeeded(uow.dialect, binding, delivery, event_id=event_id))
             uow.commit()
             return True, sink.written
@@ -223,7 +233,7 @@ class Execution:
                  delivery: Delivery) -> Exception:
         """What to raise: RetryLater if the policy retries `exc`, else `exc`, dead-lettered."""
         retry = policy.should_retry(exc, delivery.attempt)
-        execution_log.failed(self.bus.engine(), binding, delivery, exc, state="retrying" if retry else "dead-lettered",
+        execution_log.failed(self.engine(), binding, delivery, exc, state="retrying" if retry else "dead-lettered",
                      event_id=body.get(EVENT_ID))
         if retry:
             logger.warning("%s attempt %d failed (%r); retrying", binding.name, delivery.attempt + 1, exc)
@@ -245,7 +255,7 @@ class Execution:
     def _record(self, binding, reason: str, error: str, body: dict[str, Any], delivery: Delivery,
                 tb: str | None) -> None:
         deadletters.record(
-            self.bus.engine(), reason=reason, message_id=delivery.message_id, task=binding.name,
+            self.engine(), reason=reason, message_id=delivery.message_id, task=binding.name,
             queue=binding.name, boundary=binding.boundary, error=error, traceback=tb,
             headers={"task": binding.name, "id": delivery.message_id, "retries": delivery.attempt},
             body=json.dumps(body, default=str, sort_keys=True).encode(), content_type="application/json",

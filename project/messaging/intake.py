@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from sqlalchemy import exists, select, update
 from sqlalchemy.engine import Engine
@@ -23,14 +23,11 @@ from sqlalchemy.orm import Session
 
 from project.contracts import Command
 from project.errors import IdempotencyConflict
-from project.messaging.commands import body_of
+from project.messaging.sending import body_of
 from project.store.idempotency import differing_fields
 from project.store.insert import insert_ignore
 from project.store.tables import commands, dead_letters, intake, utcnow
 from project.store.uow import UnitOfWork
-
-if TYPE_CHECKING:
-    from project.core import Bus
 
 #: records of one acceptance: an intake row purged while a send was being accepted is recorded again
 RECORD_ATTEMPTS = 3
@@ -52,15 +49,16 @@ class CommandState:
     error: str | None = None
 
 
-def accept(bus: "Bus", command: Command, key: str) -> Accepted:
-    """Record and send `command` under `key`; IdempotencyConflict if the key has another payload."""
+def accept(engine: Engine, send: Callable[..., Any], command: Command, key: str) -> Accepted:
+    """Record `command` under `key` in `engine`'s database, then `send(command, idempotency_key=key)`
+    (the bus's send); IdempotencyConflict if the key has another payload."""
     _, task_id = body_of(command, key)
     row = {"id": task_id, "task": command.task_name(), "key": key, "payload_hash": command.payload_hash(),
            "payload": command.payload(), "accepted_at": utcnow()}
-    with UnitOfWork(bus.engine()) as uow:
+    with UnitOfWork(engine) as uow:
         fresh = _record(uow.session, row)
         uow.commit()
-    bus.send(command, idempotency_key=key)
+    send(command, idempotency_key=key)
     return Accepted(task_id, row["task"], duplicate=not fresh)
 
 

@@ -38,13 +38,15 @@ from sqlalchemy.orm import Session
 from project.contracts import Command, Event
 from project.errors import NotACommand, WrongBoundary
 from project.headers import CAUSATION_HEADER, CORRELATION_HEADER, EVENT_ID
-from project.messaging.commands import body_of, check_route
-from project.messaging.topology import event_exchange, named_command_queue
+from project.messaging.sending import body_of, check_route
+from project.messaging.topology import Topology, event_exchange, named_command_queue
 from project.store.engine import single_statements
 from project.store.tables import outbox, utcnow
 
 if TYPE_CHECKING:
-    from project.core import Bus
+    from celery import Celery
+
+    from project.messaging.wiring import Wiring
 
 logger = logging.getLogger(__name__)
 EVENT_ID_NAMESPACE = uuid.UUID("0c6b2f5e-93d1-4a57-8a0b-6e3f4f1d2a77")
@@ -104,34 +106,34 @@ class Publisher(Protocol):
 class BrokerPublisher:
     """Publishes committed rows to the broker at once; on failure the relay will."""
 
-    def __init__(self, bus: "Bus") -> None:
-        self.bus = bus
+    def __init__(self, wiring: "Wiring") -> None:
+        self.wiring = wiring
 
     def publish(self, ids: list[str]) -> None:
         if not ids:
             return
         try:
-            publish(self.bus, ids)
+            publish(self.wiring, ids)
         except Exception:  # the claim was given back (or, if only the mark failed, expires): the relay publishes them
             logger.warning("publishing %d outbox row(s) failed; the relay will retry", len(ids), exc_info=True)
 
 
-def publish(bus: "Bus", ids: list[str]) -> int:
+def publish(wiring: "Wiring", ids: list[str]) -> int:
     """Publish the outbox rows `ids` now (after their commit) unless another publisher has; the number published."""
     if not ids:
         return 0
     position = {row_id: n for n, row_id in enumerate(ids)}
     now = utcnow()
-    return _claim_and_publish(bus, _claimable(now).where(outbox.c.id.in_(ids)), now, lambda row: position[row.id])
+    return _claim_and_publish(wiring, _claimable(now).where(outbox.c.id.in_(ids)), now, lambda row: position[row.id])
 
 
-def relay(bus: "Bus", batch: int = 500, grace: timedelta = timedelta(0)) -> int:
+def relay(wiring: "Wiring", batch: int = 500, grace: timedelta = timedelta(0)) -> int:
     """Publish every unpublished row older than `grace`, `batch` at a time; the number published."""
     total = 0
     while True:
         now = utcnow()
         oldest = _claimable(now).where(outbox.c.created_at <= now - grace).order_by(outbox.c.created_at).limit(batch)
-        count = _claim_and_publish(bus, oldest, now, lambda row: row.created_at)
+        count = _claim_and_publish(wiring, oldest, now, lambda row: row.created_at)
         total += count
         if count < batch:  # the rest, if any, is claimed by another publisher
             return total
@@ -160,20 +162,20 @@ def _claimable(now: Any) -> Select:
     return select(outbox.c.id).where(_unclaimed(now)).with_for_update(skip_locked=True)
 
 
-def _claim_and_publish(bus: "Bus", claimable: Select, now: Any, order: Callable[[Any], Any]) -> int:
+def _claim_and_publish(wiring: "Wiring", claimable: Select, now: Any, order: Callable[[Any], Any]) -> int:
     """Claim the rows of `claimable`, publish them in `order`, mark them published; the number published."""
     until = now + CLAIM_TTL
     # the outer condition again: PostgreSQL re-checks it on a row a concurrent claim just took
     claim = (update(outbox).where(outbox.c.id.in_(claimable), _unclaimed(now)).values(claimed_until=until)
              .returning(*outbox.c))
-    engine = bus.engine()
+    engine = wiring.engine()
     with single_statements(engine) as conn:
         rows = sorted(conn.execute(claim).all(), key=order)
     if not rows:
         return 0
     ids = [row.id for row in rows]
     try:
-        _publish_rows(bus, rows)
+        _publish_rows(wiring.app, wiring.topology, rows)
     except BaseException:
         with single_statements(engine) as conn:  # give the claim back: the relay's next tick retries
             conn.execute(update(outbox).where(outbox.c.id.in_(ids), outbox.c.claimed_until == until)
@@ -218,8 +220,7 @@ def _batched_events(channel: Any) -> Iterator[Callable[[], None]]:
         yield lambda: None
 
 
-def _publish_rows(bus: "Bus", rows: list[Any]) -> None:
-    app = bus.app
+def _publish_rows(app: "Celery", topology: Topology, rows: list[Any]) -> None:
     # Exchange and queues of each event are built and declared with its first row of the
     # batch only: per row, that cost the relay about a fifth of its time (docs/benchmarks.md).
     exchanges: dict[str, Any] = {}
@@ -230,7 +231,7 @@ def _publish_rows(bus: "Bus", rows: list[Any]) -> None:
                 exchange, declare = exchanges.get(row.name), []
                 if exchange is None:
                     exchange = exchanges[row.name] = event_exchange(row.name)
-                    declare = [exchange, *bus.topology.subscriber_queues(row.name)]
+                    declare = [exchange, *topology.subscriber_queues(row.name)]
                 app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer,
                               exchange=exchange, routing_key=row.name, ignore_result=True, headers=headers,
                               declare=declare, event_dispatcher=_NoSentEvent(),

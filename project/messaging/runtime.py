@@ -6,23 +6,27 @@ Everything else is decided in project/messaging/execution.py.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from celery import Task
 
 from project.headers import CORRELATION_HEADER, header
-from project.messaging.execution import STORE_RETRY_DELAY, Delivery, RetryLater
+from project.messaging.execution import (
+    STORE_RETRY_DELAY,
+    Delivery,
+    Execution,
+    RetryLater,
+)
 from project.messaging.retry import Backoff, check_visibility
 from project.transport.dispatch import own_queue
 
-if TYPE_CHECKING:
-    from project.core import Bus
-
 
 class BusTask(Task):
-    """Base of command and subscriber tasks; `bus` and `binding` are set per task."""
+    """Base of command and subscriber tasks; `execution`, `ensure_broker` and `binding` are set per task."""
 
-    bus: "Bus"
+    execution: Execution
+    #: start the embedded broker on first use in this process (a staticmethod of the task class)
+    ensure_broker: Callable[[], None]
     binding: Any
     typing = False  # the contract validates the fields, not the function signature
     # No cap of Celery's: retry() reads its max_retries=None argument as "use this attribute"

@@ -29,4 +29,4 @@ class SubscriberTask(BusTask):
 
 def run_subscriber(task: SubscriberTask, **fields: Any) -> None:
     """The body of every subscriber task."""
-    task.run_execution(task.bus.execution.subscriber, fields)
+    task.run_execution(task.execution.subscriber, fields)

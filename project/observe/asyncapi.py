@@ -31,6 +31,8 @@ from project.contracts import IDEMPOTENCY_KEY
 from project.headers import CAUSATION_HEADER, CORRELATION_HEADER, EVENT_ID
 
 AMQP_BINDING_VERSION = "0.3.0"
+#: `info.title` unless the service names its document (`bus catalog --title`, bus_catalog_title)
+DEFAULT_TITLE = "celery-bus contracts"
 SCHEMA_REF = "#/components/schemas/{model}"
 DESCRIPTION = (
     "Commands and events of this celery-bus deployment. A command has exactly one handler, in "
@@ -47,9 +49,13 @@ DESCRIPTION = (
 )
 
 
-def document(catalog: dict[str, Any], *, title: str = "celery-bus contracts",
+def document(catalog: dict[str, Any], *, title: str = DEFAULT_TITLE,
              version: str | None = None) -> dict[str, Any]:
-    """The AsyncAPI 3.0 document of `catalog` (project.observe.catalog.contracts)."""
+    """The AsyncAPI 3.0 document of `catalog` (project.observe.catalog.contracts).
+
+    `title` and `version` are its `info` (the service's name for its contracts, and their
+    version); the version defaults to the installed celery-bus's (`default_version()`).
+    """
     commands = sorted(catalog["commands"], key=lambda c: c["queue"])
     events = sorted(catalog["events"], key=lambda e: e["exchange"])
     schemas, names = _schemas(commands, events)
@@ -98,7 +104,7 @@ def document(catalog: dict[str, Any], *, title: str = "celery-bus contracts",
 
     return {
         "asyncapi": "3.0.0",
-        "info": {"title": title, "version": version or _version(), "description": DESCRIPTION},
+        "info": {"title": title, "version": version or default_version(), "description": DESCRIPTION},
         "defaultContentType": "application/json",
         "channels": channels,
         "operations": dict(sorted(operations.items())),
@@ -171,7 +177,8 @@ def _message(entry: dict[str, Any], name: str, task: str, kind: str) -> dict[str
     return message
 
 
-def _version() -> str:
+def default_version() -> str:
+    """The installed celery-bus's version (`info.version` unless the service gives its own)."""
     try:
         return metadata.version("celery-bus")
     except metadata.PackageNotFoundError:

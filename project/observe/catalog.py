@@ -1,6 +1,6 @@
 """`bus catalog`: the message contracts as documentation other teams can read.
 
-`contracts(bus)` gathers, from the registry and the contract classes only (no broker,
+`contracts(topology, command_policy)` gathers, from the registry and the contract classes only (no broker,
 no database): every command with its queue, owning boundary, handler, retry policy,
 the handlers that send it, and its JSON Schema; every event (handled or not) with its
 fanout exchange, owning boundary, the handlers that publish it, its subscribers and
@@ -22,17 +22,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from project.core import Bus
+    from project.messaging.retry import Backoff
+    from project.messaging.topology import Topology
 
 DEFAULT_MARKDOWN = Path("docs/catalog.md")
 DEFAULT_ASYNCAPI = Path("docs/asyncapi.yaml")
 
 
-def contracts(bus: "Bus") -> dict[str, Any]:
+def contracts(topology: "Topology", command_policy: "Backoff") -> dict[str, Any]:
     """`bus topology --json` plus each contract's class, schema, docstring, senders and publishers."""
     from project.messaging.topology import known_events
     from project.observe.mermaid import describe
-    catalog = describe(bus)
+    catalog = describe(topology, command_policy)
     sent_by: dict[str, set[str]] = {}
     published_by: dict[str, set[str]] = {}
     handlers = [*catalog["commands"], *(s for e in catalog["events"] for s in e["subscribers"])]
@@ -42,11 +43,11 @@ def contracts(bus: "Bus") -> dict[str, Any]:
         for exchange in entry.get("publishes", ()):
             published_by.setdefault(exchange, set()).add(entry["handler"])
     for entry in catalog["commands"]:
-        contract = bus.registry.commands[entry["task"]].contract
+        contract = topology.registry.commands[entry["task"]].contract
         entry.update(contract=contract, schema=contract.model_json_schema(mode="validation"),
                      summary=_summary(contract), natural_key=list(contract.natural_key),
                      sent_by=sorted(sent_by.get(entry["task"], ())))
-    events = known_events(bus.registry)
+    events = known_events(topology.registry)
     for entry in catalog["events"]:
         contract = events[entry["exchange"]]
         entry.update(contract=contract, schema=contract.model_json_schema(mode="serialization"),

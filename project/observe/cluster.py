@@ -16,7 +16,7 @@ from project.messaging import ownership
 from project.messaging.registry import Registry
 
 if TYPE_CHECKING:
-    from project.core import Bus
+    from project.messaging.wiring import Wiring
 
 
 @dataclass
@@ -28,11 +28,11 @@ class Survey:
     expired: list[str] = field(default_factory=list)
 
 
-def survey(bus: "Bus", timeout: float) -> Survey:
+def survey(wiring: "Wiring", timeout: float) -> Survey:
     """Live workers and owner leases: conflicts, unconsumed command queues, expired leases."""
-    report = ask_workers(bus.app.control, bus.registry, timeout)
-    bound = {queue: binding.handler_name for queue, binding in bus.registry.commands.items()}
-    conflicts, report.expired = ownership.examine(bound, ownership.read_leases(bus.engine()))
+    report = ask_workers(wiring.app.control, wiring.registry, timeout)
+    bound = {queue: binding.handler_name for queue, binding in wiring.registry.commands.items()}
+    conflicts, report.expired = ownership.examine(bound, ownership.read_leases(wiring.engine()))
     report.conflicts += conflicts
     return report
 

@@ -45,11 +45,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
-from project.messaging.topology import MAINTENANCE_BOUNDARY, MAINTENANCE_QUEUE
+from project.messaging.topology import MAINTENANCE_BOUNDARY, MAINTENANCE_QUEUE, Topology
 from project.transport import quorum
 
 if TYPE_CHECKING:
-    from project.core import Bus
+    from celery import Celery
 
 logger = logging.getLogger(__name__)
 EVENT_EXCHANGE_PREFIX = "events."
@@ -97,11 +97,11 @@ class Declared:
         return binding
 
 
-def declared(bus: "Bus") -> Declared:
+def declared(topology: Topology) -> Declared:
     """The queues, exchanges and bindings of every boundary (project/messaging/topology.py)."""
     found = Declared()
-    commands, subscribers = bus.registry.commands, bus.registry.subscribers
-    for queue in bus.topology.queues():
+    commands, subscribers = topology.registry.commands, topology.registry.subscribers
+    for queue in topology.queues():
         if queue.name in commands:
             found.boundaries[queue.name], found.kinds[queue.name] = commands[queue.name].boundary, "command"
         elif queue.name in subscribers:
@@ -362,21 +362,21 @@ class Report:
                       f"{len(self.warnings)} warning(s)")
 
 
-def consumed_queues(bus: "Bus", timeout: float) -> set[str]:
+def consumed_queues(app: "Celery", timeout: float) -> set[str]:
     """Every queue a running worker consumes (remote control `active_queues`)."""
-    replies = bus.app.control.inspect(timeout=timeout).active_queues() or {}
+    replies = app.control.inspect(timeout=timeout).active_queues() or {}
     return {q["name"] for queues in replies.values() if isinstance(queues, list) for q in queues
             if isinstance(q, dict) and "name" in q}
 
 
-def examine(bus: "Bus", timeout: float, rabbitmqctl: str | None = None) -> Report:
-    """Read the broker (on a thread of its own) while the workers say what they consume; compare."""
-    want = declared(bus)
+def examine(app: "Celery", topology: Topology, timeout: float, rabbitmqctl: str | None = None) -> Report:
+    """Read `app`'s broker (on a thread of its own) while its workers say what they consume; compare with `topology`."""
+    want = declared(topology)
     read: dict[str, Any] = {}
 
     def reader() -> None:
         try:
-            with bus.app.connection_for_read() as connection:
+            with app.connection_for_read() as connection:
                 connection.ensure_connection(max_retries=1)
                 read["snapshot"] = read_broker(connection, want, rabbitmqctl)
         except Exception as exc:  # noqa: BLE001 - reported; the owner check still counts
@@ -385,7 +385,7 @@ def examine(bus: "Bus", timeout: float, rabbitmqctl: str | None = None) -> Repor
 
     thread = threading.Thread(target=reader, name="bus-check-broker", daemon=True)
     thread.start()
-    consumed = consumed_queues(bus, timeout)
+    consumed = consumed_queues(app, timeout)
     thread.join(timeout=120)
     snapshot = read.get("snapshot")
     if snapshot is None:

@@ -16,26 +16,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from celery import Celery, signals
 
-from project.errors import ConfigurationError
 from project.headers import CAUSATION_HEADER, CORRELATION_HEADER, header
+from project.settings import Settings, current
 
-FORMATS = ("text", "json")
 FIELDS = ("message_id", "correlation_id", "causation_id", "task", "boundary", "attempt")
-
-
-def log_format(env: Mapping[str, str] | None = None) -> str:
-    """BUS_LOG_FORMAT, checked: `text` (default) or `json`."""
-    value = (os.environ if env is None else env).get("BUS_LOG_FORMAT", "").strip().lower() or "text"
-    if value not in FORMATS:
-        raise ConfigurationError(f"BUS_LOG_FORMAT={value!r} is not a log format; use json or text (the default)")
-    return value
 
 
 class MessageFields(logging.Filter):
@@ -83,9 +73,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
-def install(app: Celery) -> None:
-    """Use the JSON format on `app`'s worker logs when BUS_LOG_FORMAT=json."""
-    if log_format() != "json":
+def install(app: Celery, settings: Settings | None = None) -> None:
+    """Use the JSON format on `app`'s worker logs when BUS_LOG_FORMAT=json (this process's settings by default)."""
+    if (settings or current()).log_format != "json":
         return
 
     def structure(logger: logging.Logger | None = None, **_: Any) -> None:

@@ -1,6 +1,6 @@
 """The flow of messages through the bus, as data and as a Mermaid flowchart.
 
-`describe(bus)` is `Topology.describe()` plus, for every command handler and subscriber,
+`describe(topology, command_policy)` is `Topology.describe()` plus, for every command handler and subscriber,
 the events it publishes and the commands it sends. Those are read from the handler's
 own source: the contract classes it constructs (`OrderPlaced(...)`) inside the handler
 function. A handler that builds its messages in a helper function shows none; the
@@ -18,23 +18,25 @@ import textwrap
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from project.contracts import Command
-from project.messaging.topology import known_events
+from project.messaging.topology import Topology, known_events
 
 if TYPE_CHECKING:
-    from project.core import Bus
+    from project.messaging.retry import Backoff
 
 
-def describe(bus: "Bus") -> dict[str, Any]:
-    """The topology catalog with retry policies and what each handler publishes and sends."""
-    catalog = bus.topology.describe(bus.command_policy)
-    events = {contract.__name__: name for name, contract in known_events(bus.registry).items()}
+def describe(topology: Topology, command_policy: "Backoff") -> dict[str, Any]:
+    """The topology catalog with retry policies (commands: `command_policy`) and what each handler
+    publishes and sends."""
+    registry = topology.registry
+    catalog = topology.describe(command_policy)
+    events = {contract.__name__: name for name, contract in known_events(registry).items()}
     commands = {contract.__name__: contract.task_name() for contract in _subclasses(Command)}
     for entry in catalog["commands"]:
-        binding = bus.registry.commands[entry["task"]]
+        binding = registry.commands[entry["task"]]
         entry.update(produced_by(binding.handler, events, commands))
     for event in catalog["events"]:
         for entry in event["subscribers"]:
-            binding = bus.registry.subscribers[entry["task"]]
+            binding = registry.subscribers[entry["task"]]
             entry.update(produced_by(binding.handler, events, commands))
     return catalog
 

@@ -39,23 +39,27 @@ import tempfile
 import threading
 import time
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 from celery import Celery, bootsteps, signals
 
+from project.settings import current
+
 if TYPE_CHECKING:
-    from project.core import Bus
+    from sqlalchemy.engine import Engine
 
 logger = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _lock = threading.Lock()
 _metrics: SimpleNamespace | None = None
-_buses: dict[int, "Bus"] = {}
+_engines: dict[int, Callable[[], "Engine"]] = {}
 _started: dict[str, float] = {}  # task id -> perf_counter at prerun (one pool process runs one task)
 
 
 def enabled() -> bool:
+    # prometheus-client's own variable, which the worker also sets for its pool's children
+    # (MetricsServer): process state read where it is set, not a setting of the bus
     return bool(os.environ.get(MULTIPROC_ENV))
 
 
@@ -134,9 +138,9 @@ def _counter(name: str):
 
 
 # ---- the worker's side -----------------------------------------------------------
-def install(app: Celery, bus: "Bus") -> None:
-    """Add `--metrics-port` to `app`'s workers and count what its processes do."""
-    _buses[id(app)] = bus
+def install(app: Celery, engine: Callable[[], "Engine"]) -> None:
+    """Add `--metrics-port` to `app`'s workers and count what its processes do; `engine()` is the bus database's."""
+    _engines[id(app)] = engine
     app.user_options["worker"].add(click.Option(
         ("--metrics-port",), type=int, default=None,
         help="Serve Prometheus metrics on this port (address: BUS_METRICS_ADDRESS, default 0.0.0.0)."))
@@ -171,8 +175,8 @@ class MetricsServer(bootsteps.StartStopStep):
         from prometheus_client.multiprocess import MultiProcessCollector
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
-        registry.register(BusGauges(worker.app, _buses[id(worker.app)]))
-        address = os.environ.get("BUS_METRICS_ADDRESS", "0.0.0.0")
+        registry.register(BusGauges(worker.app, _engines[id(worker.app)]))
+        address = current().metrics_address  # BUS_METRICS_ADDRESS
         self.server, _thread = start_http_server(self.port, addr=address, registry=registry)
         logger.info("metrics on http://%s:%d/metrics", address, self.port)
 
@@ -190,8 +194,8 @@ class MetricsServer(bootsteps.StartStopStep):
 class BusGauges:
     """Outbox backlog, relay lag and queue depths, read when Prometheus scrapes."""
 
-    def __init__(self, app: Celery, bus: "Bus") -> None:
-        self.app, self.bus = app, bus
+    def __init__(self, app: Celery, engine: Callable[[], "Engine"]) -> None:
+        self.app, self.engine = app, engine
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
@@ -214,7 +218,7 @@ class BusGauges:
         from sqlalchemy import func, select
 
         from project.store.tables import outbox, utcnow
-        with self.bus.engine().connect() as conn:
+        with self.engine().connect() as conn:
             count, oldest = conn.execute(select(func.count(), func.min(outbox.c.created_at))
                                          .where(outbox.c.published_at.is_(None))).one()
         if oldest is None:

@@ -13,8 +13,9 @@ not logged here: the claim tables already count them. `bus trace` reads the log 
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sqlalchemy import Insert, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
@@ -23,8 +24,15 @@ from sqlalchemy.engine import Engine
 from project.store.engine import Write
 from project.store.tables import executions, utcnow
 
-if TYPE_CHECKING:
-    from project.messaging.execution import Delivery
+
+class Delivery(Protocol):
+    """What the log reads of a delivery (project.messaging.execution.Delivery); the store imports no messaging."""
+
+    message_id: str
+    attempt: int
+    correlation_id: str | None
+    started_at: datetime
+
 
 logger = logging.getLogger(__name__)
 

@@ -29,10 +29,12 @@ from sqlalchemy import select, update
 from project.contracts import Command, DomainError, Event
 from project.errors import IdempotencyConflict, InvalidMessage, NotACommand
 from project.headers import EVENT_ID
-from project.messaging.commands import body_of, check_route
 from project.messaging.execution import Delivery, RetryLater
+from project.messaging.sending import body_of, check_route
+from project.settings import require_task_modules
 from project.store.engine import dispose
 from project.store.tables import dead_letters, outbox, utcnow
+from project.testing.records import DeadLetter
 from project.transport.dispatch import copy_task_id
 
 if TYPE_CHECKING:
@@ -95,6 +97,7 @@ class BusHarness:
     """Drives the bus in process; see the module docstring."""
 
     def __init__(self, bus: "Bus", database_url: str, clock: FakeClock | None = None) -> None:
+        require_task_modules(bus.app.conf)  # an empty registry would refuse every send: name the setting instead
         self.bus, self.database_url = bus, database_url
         self.clock = clock or FakeClock()
         self.runs: list[Run] = []
@@ -159,7 +162,9 @@ class BusHarness:
 
     def _route(self, row: Any) -> None:
         if row.kind == "command":
-            self._enqueue(Delivery(name=row.name, message_id=row.id, correlation_id=row.correlation_id), row.payload)
+            if row.name in self.bus.registry.commands:  # else another service's: its workers take it, not ours
+                self._enqueue(Delivery(name=row.name, message_id=row.id, correlation_id=row.correlation_id),
+                              row.payload)
             return
         for subscriber in sorted(s.name for s in self.bus.registry.subscribers.values()
                                  if s.contract.exchange_name() == row.name):
@@ -176,11 +181,14 @@ class BusHarness:
         return [event_type.model_validate({k: v for k, v in r.payload.items() if k != EVENT_ID}) for r in rows]
 
     def sent(self, command_type: type[C] | None = None) -> list[Command]:
-        """Commands sent through the harness and by handlers (via the outbox)."""
+        """Commands sent through the harness and by handlers (via the outbox), also those another service handles
+        (as `command_type`; without it, only the commands of this registry)."""
         with self.bus.engine().connect() as conn:
             rows = conn.execute(select(outbox.c.name, outbox.c.payload).where(outbox.c.kind == "command")
                                 .order_by(outbox.c.created_at)).all()
         contracts = {b.name: b.contract for b in self.bus.registry.commands.values()}
+        if command_type is not None:
+            contracts[command_type.task_name()] = command_type
         by_handlers = [contracts[r.name].model_validate({k: v for k, v in r.payload.items()
                                                          if k != "idempotency_key"})
                        for r in rows if r.name in contracts]
@@ -198,13 +206,13 @@ class BusHarness:
     def outcomes(self, name: str) -> list[str]:
         return [r.outcome for r in self.runs if r.name == name]
 
-    def dead_letters(self, name: str | None = None) -> list[Any]:
-        """Dead-letter rows (all, or of task/queue `name`)."""
+    def dead_letters(self, name: str | None = None) -> list[DeadLetter]:
+        """Dead letters (all, or of task/queue `name`), oldest first: `d.reason` or `d["reason"]`."""
         query = select(dead_letters).order_by(dead_letters.c.id)
         if name is not None:
             query = query.where(dead_letters.c.task == name)
         with self.bus.engine().connect() as conn:
-            return conn.execute(query).all()
+            return [DeadLetter.from_row(row) for row in conn.execute(query)]
 
     def result(self, message_id: str) -> Any:
         """What `AsyncResult.get()` would give for `message_id`: the value, or it raises."""

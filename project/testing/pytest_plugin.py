@@ -6,7 +6,8 @@ Fixtures:
 - `bus_worker`: real `celery -A project worker` subprocesses against the broker and
   database given by the environment (CELERY_BROKER_URL, BUS_DATABASE_URL), for tests
   marked `@pytest.mark.bus_worker(boundaries=["orders"], concurrency=2)`; stopped by PID
-  at teardown.
+  at teardown. The embedded broker, when not running yet, is started by this pytest
+  process (it stops when the session ends), so it outlives each test's workers.
 """
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _loaded_bus() -> Any:
     from project import app, bus
+    from project.errors import ConfigurationError
+    from project.settings import require_task_modules
+    try:
+        require_task_modules(app.conf)
+    except ConfigurationError as exc:
+        pytest.fail(str(exc), pytrace=False)  # one line naming BUS_TASK_MODULES, not a traceback
     app.loader.import_default_modules()
     return bus
 
@@ -58,6 +65,7 @@ def bus_worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     options = dict(marker.kwargs) if marker else {}
     bus = _loaded_bus()
     upgrade(bus.settings.database_url)  # a worker refuses to start on an unmigrated database (owner leases)
+    bus.ensure_broker()  # the embedded broker, if used, stops with this pytest process, not with the test's worker
     worker = start_worker(logdir=tmp_path / "workers", boundaries=list(options.get("boundaries", ())),
                           concurrency=int(options.get("concurrency", 1)), name="pytest")
     try:

@@ -24,43 +24,27 @@ is `arguments`; `off` is refused, because past the limit the message would be dr
 """
 from __future__ import annotations
 
-import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 from kombu import Exchange, Queue, binding
 
 from project.errors import ConfigurationError
-from project.settings import env_int
+from project.settings import Settings, current
 
-TYPES = ("classic", "quorum")
 #: the topic exchange where every bus queue is bound by its own name (quorum mode)
 ROUTER = "bus.queues"
-DEFAULT_DELIVERY_LIMIT = 20
 
 
-def queue_type(env: Mapping[str, str] | None = None) -> str:
-    """The configured queue type (BUS_RABBITMQ_QUEUE_TYPE), checked."""
-    value = (os.environ if env is None else env).get("BUS_RABBITMQ_QUEUE_TYPE", "").strip() or "classic"
-    if value not in TYPES:
-        raise ConfigurationError(f"BUS_RABBITMQ_QUEUE_TYPE={value!r}: use classic (the default) or quorum "
-                                 f"(RabbitMQ only; see project/transport/quorum.py)")
-    return value
+def enabled(settings: Settings | None = None) -> bool:
+    """Whether the bus's queues are quorum queues (BUS_RABBITMQ_QUEUE_TYPE; this process's settings by default)."""
+    return (settings or current()).queue_type == "quorum"
 
 
-def enabled(env: Mapping[str, str] | None = None) -> bool:
-    return queue_type(env) == "quorum"
-
-
-def delivery_limit(env: Mapping[str, str] | None = None) -> int:
-    """How many times a quorum queue redelivers a message before dead-lettering it."""
-    return env_int("BUS_RABBITMQ_DELIVERY_LIMIT", DEFAULT_DELIVERY_LIMIT, minimum=1, env=env)
-
-
-def check(broker_kind: str, env: Mapping[str, str] | None = None) -> None:
+def check(settings: Settings) -> None:
     """Refuse quorum mode on a broker that has no quorum queues."""
-    if enabled(env) and broker_kind != "amqp":
+    if enabled(settings) and settings.broker_kind != "amqp":
         raise ConfigurationError(
-            f"BUS_RABBITMQ_QUEUE_TYPE=quorum needs RabbitMQ, but the broker is {broker_kind}; "
+            f"BUS_RABBITMQ_QUEUE_TYPE=quorum needs RabbitMQ, but the broker is {settings.broker_kind}; "
             f"unset it, or set CELERY_BROKER_URL=amqp://user:pass@host:5672/vhost")
 
 
@@ -103,11 +87,12 @@ def routes(queue: Queue) -> list[tuple[Exchange, str]]:
     return queue.routes() if isinstance(queue, RoutedQueue) else [(queue.exchange, queue.routing_key)]
 
 
-def arguments(dead_letter_exchange: str | None) -> dict[str, Any]:
-    """The queue arguments of a bus queue in quorum mode."""
+def arguments(dead_letter_exchange: str | None, settings: Settings | None = None) -> dict[str, Any]:
+    """The queue arguments of a bus queue in quorum mode (the delivery limit: this process's settings by default)."""
     found: dict[str, Any] = {"x-queue-type": "quorum"}
     if dead_letter_exchange:
-        found.update({"x-dead-letter-exchange": dead_letter_exchange, "x-delivery-limit": delivery_limit(),
+        limit = (settings or current()).delivery_limit
+        found.update({"x-dead-letter-exchange": dead_letter_exchange, "x-delivery-limit": limit,
                       # at-least-once: RabbitMQ keeps the message until bus.dead_letter confirms it
                       # (it requires the reject-publish overflow mode)
                       "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})

@@ -36,8 +36,8 @@ from handlers import accounts, billing, orders
 from handlers.messages import OrderPlaced, PaymentProcessed, PlaceOrder, RegisterUser
 from project.cli.main import cli
 from project.core import Bus
-from project.messaging.commands import body_of
 from project.messaging.retry import Backoff
+from project.messaging.sending import body_of
 from project.observe import asyncapi
 from project.observe.catalog import contracts, markdown
 from tests.conftest import REPO
@@ -117,7 +117,7 @@ def catalog() -> dict[str, Any]:
     bus.subscriber(OrderPlaced, boundary="billing", retry=Backoff(max_retries=8, base=0.5, cap=30.0))(
         billing.charge_payment)
     bus.subscriber(PaymentProcessed, boundary="fulfilment")(reorder)
-    yield contracts(bus)
+    yield contracts(bus.topology, bus.command_policy)
     app.close()
 
 
@@ -289,3 +289,107 @@ def test_output_format_follows_the_file_name_and_check_reports_a_stale_file(tmp_
     stale = run("--output", str(md), "--check")
     assert stale.exit_code == 1
     assert "is stale: run `bus catalog --output" in stale.output
+
+
+# ---- the AsyncAPI document's title and version (info) ----------------------------------------
+def asyncapi_info(result) -> dict[str, Any]:
+    assert result.exit_code == 0, result.output
+    return yaml.safe_load(result.output)["info"]
+
+
+def one_line_error(result) -> str:
+    """The refusal: exit 2 and a single `error: ...` line, no document written."""
+    assert result.exit_code == 2, result.output
+    [line] = result.output.splitlines()
+    assert line.startswith("error: ") and "asyncapi:" not in result.output
+    return line
+
+
+@pytest.fixture
+def app_conf(monkeypatch):
+    """The loaded app's configuration, for settings a service writes in its celeryconfig.py (undone after)."""
+    from project import app
+
+    def set_(**settings: Any) -> None:
+        for key, value in settings.items():
+            monkeypatch.setitem(app.conf, key, value)
+    return set_
+
+
+def test_title_and_version_are_given_on_the_command_line():
+    # When the document is written with --title and --version
+    info = asyncapi_info(run("--asyncapi", "--title", "Shop contracts", "--version", "2.3.0", "--output", "-"))
+    # Then its info carries them
+    assert (info["title"], info["version"]) == ("Shop contracts", "2.3.0")
+
+
+def test_title_and_version_default_to_the_apps_configuration_then_to_celery_bus(app_conf):
+    # Given no flags and no configuration: the bus's own names (docs/asyncapi.yaml keeps them)
+    info = asyncapi_info(run("--asyncapi", "--output", "-"))
+    assert (info["title"], info["version"]) == ("celery-bus contracts", asyncapi.default_version())
+    # Given the app's configuration names the document
+    app_conf(bus_catalog_title="Shop contracts", bus_catalog_version="2024.6")
+    # Then it is the default, and a flag still wins
+    info = asyncapi_info(run("--asyncapi", "--output", "-"))
+    assert (info["title"], info["version"]) == ("Shop contracts", "2024.6")
+    info = asyncapi_info(run("--asyncapi", "--version", "2024.7", "--output", "-"))
+    assert (info["title"], info["version"]) == ("Shop contracts", "2024.7")
+
+
+def test_a_services_celeryconfig_names_its_asyncapi_document(tmp_path):
+    # Given a service's celeryconfig.py: the repo's settings plus a title and a version
+    (tmp_path / "celeryconfig.py").write_text(
+        "import runpy\n"
+        f"globals().update({{k: v for k, v in runpy.run_path({str(REPO / 'celeryconfig.py')!r}).items()"
+        " if not k.startswith('__')})\n"
+        "bus_catalog_title = 'Shop contracts'\nbus_catalog_version = '2024.6'\n")
+    # (its own directory first, then the repo's task modules)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    # When `bus catalog --asyncapi` runs in the service's directory
+    done = subprocess.run([str(Path(sys.executable).with_name("bus")), "catalog", "--asyncapi", "--output", "-"],
+                          env={**env, "BUS_HOME": str(tmp_path)}, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    # Then the document's info says so
+    assert done.returncode == 0, done.stderr
+    info = yaml.safe_load(done.stdout)["info"]
+    assert (info["title"], info["version"]) == ("Shop contracts", "2024.6")
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--title", ""), "--title is empty: give the document a name, e.g. --title 'Shop contracts'"),
+    (("--title", "  "), "--title is empty: give the document a name, e.g. --title 'Shop contracts'"),
+    (("--version", ""), "--version is empty: give the contracts' version, e.g. --version 1.4.0"),
+], ids=["empty-title", "blank-title", "empty-version"])
+def test_an_empty_title_or_version_is_refused_in_one_line(args, says):
+    assert one_line_error(run("--asyncapi", *args, "--output", "-")) == f"error: {says}"
+
+
+def test_an_empty_or_mistyped_setting_is_refused_naming_it(app_conf):
+    app_conf(bus_catalog_title="")
+    assert one_line_error(run("--asyncapi", "--output", "-")) == (
+        "error: bus_catalog_title (Celery configuration) is empty: set the document's name, "
+        "or remove it for 'celery-bus contracts'")
+    app_conf(bus_catalog_title="Shop", bus_catalog_version=1.2)
+    assert one_line_error(run("--asyncapi", "--output", "-")) == (
+        "error: bus_catalog_version (Celery configuration) is 1.2, not a string: quote it, e.g. '1.2'")
+
+
+def test_title_and_version_go_with_asyncapi_only(tmp_path):
+    # When they are given for the Markdown catalog, nothing is written
+    refused = run("--title", "Shop contracts", "--output", str(tmp_path / "catalog.md"))
+    assert one_line_error(refused) == ("error: --title and --version name the AsyncAPI document: "
+                                       "add --asyncapi, or leave them out")
+    assert not (tmp_path / "catalog.md").exists()
+
+
+def test_check_names_the_flags_that_write_the_file_again(tmp_path):
+    # Given a document written with a title; When it is checked without the title
+    target = str(tmp_path / "asyncapi.yaml")
+    assert run("--asyncapi", "--title", "Shop contracts", "--output", target).exit_code == 0
+    assert run("--asyncapi", "--title", "Shop contracts", "--output", target, "--check").exit_code == 0
+    stale = run("--asyncapi", "--output", target, "--check")
+    # Then it is stale, and with the title it is not
+    assert stale.exit_code == 1
+    assert f"run `bus catalog --asyncapi --output {target}` and commit it" in stale.output
+    edited = run("--asyncapi", "--title", "Shop", "--output", target, "--check")
+    assert f"run `bus catalog --asyncapi --title Shop --output {target}` and commit it" in edited.output

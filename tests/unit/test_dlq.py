@@ -18,6 +18,7 @@ from project.cli.main import cli
 from project.dead_letters import admin as dlq
 from project.dead_letters import dlx
 from project.dead_letters import store as deadletters
+from project.settings import load
 from project.store.engine import engine_for
 from project.store.migrate import upgrade
 from project.store.tables import dead_letters, utcnow
@@ -162,18 +163,20 @@ def test_purge_deletes_only_what_the_filters_match(store):
 
 # ---- RabbitMQ dead-lettering settings ---------------------------------------------------------
 def test_dead_letter_mode_is_off_unless_chosen_and_refuses_unknown_values():
-    assert dlx.mode({}) == "off"
-    assert dlx.mode({"BUS_RABBITMQ_DEAD_LETTERS": "arguments"}) == "arguments"
+    assert dlx.mode(load({})) == "off"
+    assert dlx.mode(load({"BUS_RABBITMQ_DEAD_LETTERS": "arguments"})) == "arguments"
     with pytest.raises(Exception, match="use one of off, arguments, policy"):
-        dlx.mode({"BUS_RABBITMQ_DEAD_LETTERS": "yes"})
+        load({"BUS_RABBITMQ_DEAD_LETTERS": "yes"})
 
 
 def test_queues_carry_the_dead_letter_exchange_only_in_arguments_mode(monkeypatch):
+    from project import settings
     from project.messaging.topology import named_command_queue
+    monkeypatch.setattr(settings, "_current", settings.load({}))
     assert named_command_queue("orders.place_order").queue_arguments is None
-    monkeypatch.setenv("BUS_RABBITMQ_DEAD_LETTERS", "arguments")
+    monkeypatch.setattr(settings, "_current", settings.load({"BUS_RABBITMQ_DEAD_LETTERS": "arguments"}))
     assert named_command_queue("orders.place_order").queue_arguments == {"x-dead-letter-exchange": "bus.dead_letter"}
-    monkeypatch.setenv("BUS_RABBITMQ_DEAD_LETTERS", "policy")
+    monkeypatch.setattr(settings, "_current", settings.load({"BUS_RABBITMQ_DEAD_LETTERS": "policy"}))
     assert named_command_queue("orders.place_order").queue_arguments is None
 
 

@@ -39,7 +39,7 @@ def want() -> Iterator[Declared]:
     bus.command(RegisterUser)(accounts.register_user)
     bus.subscriber(OrderPlaced, boundary="billing")(billing.charge_payment)
     bus.subscriber(OrderPlaced, boundary="notifications")(notifications.send_order_confirmation)
-    yield declared(bus)
+    yield declared(bus.topology)
     app.close()
 
 

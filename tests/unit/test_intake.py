@@ -45,7 +45,7 @@ def bus(engine: Engine) -> RecordingBus:
 
 def accepted(bus: RecordingBus, key: str = "k-1", days_ago: int = 0, **fields: Any) -> intake.Accepted:
     """Accept a PlaceOrder under `key`, as if `days_ago` days ago."""
-    done = intake.accept(bus, PlaceOrder(**{**ORDER, **fields}), key)
+    done = intake.accept(bus.engine(), bus.send, PlaceOrder(**{**ORDER, **fields}), key)
     backdate(bus.engine(), done.id, days_ago)
     return done
 
@@ -105,7 +105,7 @@ def test_re_accepting_an_expired_command_makes_it_pending_again(bus: RecordingBu
     first = accepted(bus, days_ago=31)
     assert state_of(engine, first.id).status == "expired"
     # When the same key and body are accepted again
-    again = intake.accept(bus, PlaceOrder(**ORDER), "k-1")
+    again = intake.accept(bus.engine(), bus.send, PlaceOrder(**ORDER), "k-1")
     # Then it is the same command, sent again, and pending until a worker runs it
     assert (again.id, again.duplicate) == (first.id, True)
     assert [key for _, key in bus.sent] == ["k-1", "k-1"]
@@ -117,7 +117,7 @@ def test_the_same_key_with_another_body_is_still_a_conflict(bus: RecordingBus, e
     accepted(bus, days_ago=31)
     # When the same key comes with another customer, Then it is refused naming the field, and not sent
     with pytest.raises(IdempotencyConflict, match="customer_id"):
-        intake.accept(bus, PlaceOrder(**{**ORDER, "customer_id": "c-2"}), "k-1")
+        intake.accept(bus.engine(), bus.send, PlaceOrder(**{**ORDER, "customer_id": "c-2"}), "k-1")
     assert len(bus.sent) == 1
 
 
@@ -129,7 +129,7 @@ def test_a_resend_absorbed_by_the_claim_does_not_make_a_purged_command_pending(b
     # Given a command accepted and finished 31 days ago, and resent yesterday while its claim still held the key
     command = accepted(bus, days_ago=31)
     finished(engine, "k-1", days_ago=31)
-    assert intake.accept(bus, PlaceOrder(**ORDER), "k-1").duplicate
+    assert intake.accept(bus.engine(), bus.send, PlaceOrder(**ORDER), "k-1").duplicate
     # When keys past the 30-day retention are purged
     assert purge_keys(engine, utcnow() - KEY_RETENTION)["keys"] == 1
     # Then the command reads expired: the resend ran nothing, so it did not renew the acceptance

@@ -23,7 +23,8 @@ from project.errors import ConfigurationError
 from project.messaging.retry import Backoff
 from project.observe import mermaid, trace
 from project.observe.flower_auth import FlowerAuthMissing, require_auth
-from project.observe.logs import FIELDS, JsonFormatter, MessageFields, log_format
+from project.observe.logs import FIELDS, JsonFormatter, MessageFields
+from project.settings import load
 from project.store.tables import executions
 from tests.conftest import REPO
 
@@ -261,10 +262,10 @@ def test_old_execution_logs_are_purged_with_the_keys(bus_harness):
 
 # ---- logs --------------------------------------------------------------------------
 def test_log_format_is_text_by_default_and_refuses_unknown_values():
-    assert log_format({}) == "text"
-    assert log_format({"BUS_LOG_FORMAT": "JSON"}) == "json"
+    assert load({}).log_format == "text"
+    assert load({"BUS_LOG_FORMAT": "JSON"}).log_format == "json"
     with pytest.raises(ConfigurationError, match=r"BUS_LOG_FORMAT='yaml'.*use json or text"):
-        log_format({"BUS_LOG_FORMAT": "yaml"})
+        load({"BUS_LOG_FORMAT": "yaml"})
 
 
 def test_a_json_line_has_every_field_even_outside_a_task():

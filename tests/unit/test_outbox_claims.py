@@ -13,8 +13,10 @@ from kombu.exceptions import OperationalError
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
-from project.core import Bus
 from project.messaging import outbox
+from project.messaging.registry import Registry
+from project.messaging.topology import Topology
+from project.messaging.wiring import Wiring
 from project.store.tables import outbox as outbox_table
 from project.store.tables import utcnow
 from tests.integration.support.helpers import free_port
@@ -22,13 +24,12 @@ from tests.integration.support.helpers import free_port
 ROW = "row-1"
 
 
-def bus_on(broker: str, engine: Engine) -> Bus:
-    """A bus whose app publishes to `broker` (no publish retries) and whose store is `engine`'s database."""
+def bus_on(broker: str, engine: Engine) -> Wiring:
+    """What a publisher uses of a bus whose app publishes to `broker` (no publish retries) and whose
+    store is `engine`'s database."""
     app = Celery("claims", broker=broker, set_as_current=False)
     app.conf.update(task_publish_retry=False, broker_connection_retry=False, broker_connection_timeout=1)
-    bus = Bus(app)
-    bus._database_url = str(engine.url)
-    return bus
+    return Wiring(app, Topology(Registry()), lambda: engine, ensure_broker=lambda: None)
 
 
 def write_row(engine: Engine) -> None:

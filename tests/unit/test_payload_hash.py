@@ -202,7 +202,7 @@ def elsewhere() -> Iterator[Callable[[Command], list[str]]]:
 
 def arrived(command: Command) -> Command:
     """The command as the worker validates it: the body the caller sends, through JSON, key removed."""
-    from project.messaging.commands import (
+    from project.messaging.sending import (
         body_of,  # imported here: the hashing processes need no Celery
     )
     body, _ = body_of(command, "key-1")

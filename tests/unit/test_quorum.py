@@ -8,10 +8,12 @@ import pytest
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 from sqlalchemy import select
 
+from project import settings
 from project.dead_letters import dlx
 from project.errors import ConfigurationError
 from project.messaging.runtime import whole_seconds
 from project.messaging.topology import maintenance_queue, named_command_queue
+from project.settings import load
 from project.store.tables import dead_letters
 from project.transport import quorum
 
@@ -23,6 +25,7 @@ def quorum_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BUS_RABBITMQ_QUEUE_TYPE", "quorum")
     monkeypatch.delenv("BUS_RABBITMQ_DEAD_LETTERS", raising=False)
     monkeypatch.delenv("BUS_RABBITMQ_DELIVERY_LIMIT", raising=False)
+    monkeypatch.setattr(settings, "_current", None)  # this process's settings, read afresh
 
 
 def routes(queue) -> set[tuple[str, str, str]]:
@@ -33,6 +36,7 @@ def routes(queue) -> set[tuple[str, str, str]]:
 def test_classic_queues_are_declared_as_before(monkeypatch):
     # Given no queue type set
     monkeypatch.delenv("BUS_RABBITMQ_QUEUE_TYPE", raising=False)
+    monkeypatch.setattr(settings, "_current", None)
     # Then a command queue has its own direct exchange and no arguments
     queue = named_command_queue("orders.place_order")
     assert not isinstance(queue, quorum.RoutedQueue)
@@ -87,13 +91,13 @@ def test_a_bound_copy_keeps_the_extra_bindings(quorum_mode):
 
 # ---- settings and their errors -----------------------------------------------------------------------
 def test_quorum_mode_dead_letters_by_arguments_unless_policy_is_chosen():
-    assert dlx.mode(QUORUM) == "arguments"
-    assert dlx.mode({**QUORUM, "BUS_RABBITMQ_DEAD_LETTERS": "policy"}) == "policy"
+    assert dlx.mode(load(QUORUM)) == "arguments"
+    assert dlx.mode(load({**QUORUM, "BUS_RABBITMQ_DEAD_LETTERS": "policy"})) == "policy"
 
 
 def test_quorum_mode_refuses_dead_lettering_off():
     with pytest.raises(ConfigurationError, match="drops a message past its delivery limit.*unset BUS_RABBITMQ_DEAD"):
-        dlx.mode({**QUORUM, "BUS_RABBITMQ_DEAD_LETTERS": "off"})
+        load({**QUORUM, "BUS_RABBITMQ_DEAD_LETTERS": "off"})
 
 
 @pytest.mark.parametrize("env, message", [
@@ -102,21 +106,21 @@ def test_quorum_mode_refuses_dead_lettering_off():
 ])
 def test_an_unknown_queue_type_is_refused_with_the_accepted_ones(env, message):
     with pytest.raises(ConfigurationError, match=message):
-        quorum.queue_type(env)
+        load(env)
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "many", "2.5"])
 def test_a_bad_delivery_limit_is_refused_naming_the_variable(value):
     with pytest.raises(ConfigurationError, match="BUS_RABBITMQ_DELIVERY_LIMIT"):
-        quorum.delivery_limit({"BUS_RABBITMQ_DELIVERY_LIMIT": value})
+        load({"BUS_RABBITMQ_DELIVERY_LIMIT": value})
 
 
-@pytest.mark.parametrize("broker", ["redis", "embedded"])
-def test_quorum_mode_on_a_broker_without_quorum_queues_is_refused(broker):
+@pytest.mark.parametrize("broker, url", [("redis", "redis://h:6379/0"), ("embedded", "")])
+def test_quorum_mode_on_a_broker_without_quorum_queues_is_refused(broker, url):
     with pytest.raises(ConfigurationError, match=f"needs RabbitMQ, but the broker is {broker}.*CELERY_BROKER_URL=amqp"):
-        quorum.check(broker, QUORUM)
-    quorum.check("amqp", QUORUM)
-    quorum.check(broker, {})
+        quorum.check(load({**QUORUM, "CELERY_BROKER_URL": url}))
+    quorum.check(load({**QUORUM, "CELERY_BROKER_URL": "amqp://h//"}))
+    quorum.check(load({"CELERY_BROKER_URL": url}))
 
 
 # ---- retries and the poison guard ----------------------------------------------------------------------

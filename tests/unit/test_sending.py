@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from handlers.messages import OrderPlaced, PlaceOrder, RegisterUser
 from project.core import Bus
 from project.errors import MisroutedCommand, NotACommand
-from project.messaging.commands import body_of, check_route, prepare
+from project.messaging.sending import body_of, check_route, prepare
 from project.settings import Settings
 from project.store.idempotency import TASK_ID_NAMESPACE, task_id_for
 from project.transport.dispatch import own_queue

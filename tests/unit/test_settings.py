@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 import os
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
 
+from project import settings as settings_module
 from project.errors import ConfigurationError
-from project.settings import env_switch, load, worker_concurrency
+from project.settings import (
+    NO_TASK_MODULES,
+    config_module,
+    env_switch,
+    load,
+    require_task_modules,
+    worker_concurrency,
+)
+from tests.conftest import REPO
 
 
 def test_no_environment_means_everything_embedded_under_dot_bus(tmp_path, monkeypatch):
@@ -96,12 +107,19 @@ def test_a_switch_with_another_value_is_refused_naming_it_and_the_accepted_value
 
 
 def celeryconfig(monkeypatch, tmp_path, **env: str) -> dict:
-    """The settings celeryconfig.py gives under `env` (read afresh)."""
-    import runpy
+    """The Celery settings the bus's config module (project/config.py) gives under `env`, read afresh."""
     monkeypatch.setenv("BUS_HOME", str(tmp_path))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return runpy.run_path(str(Path(__file__).resolve().parents[2] / "celeryconfig.py"))
+    monkeypatch.setattr(settings_module, "_current", None)  # this process's settings: read again, restored after
+    return runpy.run_path(str(REPO / "project" / "config.py"))
+
+
+def shop_config(monkeypatch, tmp_path, **env: str) -> dict:
+    """What this repository's celeryconfig.py gives under `env` (over a fresh project.config)."""
+    celeryconfig(monkeypatch, tmp_path, **env)
+    monkeypatch.delitem(sys.modules, "project.config", raising=False)  # imported afresh, restored after
+    return runpy.run_path(str(REPO / "celeryconfig.py"))
 
 
 def test_task_events_and_the_started_state_are_off_by_default_and_switch_on(monkeypatch, tmp_path):
@@ -192,3 +210,99 @@ def test_celeryconfig_gives_broker_and_result_backend_the_sentinel_master(monkey
     conf = celeryconfig(monkeypatch, tmp_path, CELERY_BROKER_URL="redis://h:6379/0")
     assert "master_name" not in conf["broker_transport_options"]
     assert "result_backend_transport_options" not in conf
+
+
+# ---- what else the environment says (read here only) ---------------------------------------------------
+def test_task_modules_queue_type_dead_letters_logs_and_metrics_have_their_defaults():
+    # Given no environment
+    settings = load({})
+    # Then no task modules (no silent default), classic queues, no RabbitMQ dead-lettering, text logs
+    assert settings.task_modules == ()
+    assert (settings.queue_type, settings.delivery_limit, settings.dead_letters) == ("classic", 20, "off")
+    assert (settings.log_format, settings.metrics_address) == ("text", "0.0.0.0")
+
+
+def test_the_environment_sets_them():
+    settings = load({"BUS_TASK_MODULES": " shop.tasks , ,billing.tasks", "BUS_RABBITMQ_QUEUE_TYPE": "quorum",
+                     "BUS_RABBITMQ_DELIVERY_LIMIT": "5", "BUS_LOG_FORMAT": "json",
+                     "BUS_METRICS_ADDRESS": "127.0.0.1"})
+    assert settings.task_modules == ("shop.tasks", "billing.tasks")
+    # quorum queues dead-letter by queue arguments unless told otherwise
+    assert (settings.queue_type, settings.delivery_limit, settings.dead_letters) == ("quorum", 5, "arguments")
+    assert (settings.log_format, settings.metrics_address) == ("json", "127.0.0.1")
+
+
+def test_this_processs_settings_are_read_once(monkeypatch, tmp_path):
+    # Given the settings read once
+    monkeypatch.setattr(settings_module, "_current", None)
+    monkeypatch.setenv("BUS_LOG_FORMAT", "json")
+    first = settings_module.current()
+    # When the environment changes afterwards, Then this process keeps what it read
+    monkeypatch.setenv("BUS_LOG_FORMAT", "text")
+    assert settings_module.current() is first and first.log_format == "json"
+    assert load().log_format == "text"  # load() reads afresh
+
+
+# ---- which Celery config module the app takes ----------------------------------------------------------
+def test_without_a_celeryconfig_in_the_working_directory_the_bus_takes_project_config(tmp_path):
+    assert config_module({}, cwd=str(tmp_path)) == "project.config"
+
+
+def test_a_celeryconfig_in_the_working_directory_is_the_applications_and_wins(tmp_path):
+    # Given an application's directory with its celeryconfig.py
+    (tmp_path / "celeryconfig.py").write_text("from project.config import *\n")
+    # Then the app reads it (Celery imports it from the working directory)
+    assert config_module({}, cwd=str(tmp_path)) == "celeryconfig"
+
+
+def test_bus_config_module_names_another_module(tmp_path):
+    # Given a package of the application with its own settings module, and one in the working directory
+    (tmp_path / "settings_test_service").mkdir()
+    (tmp_path / "settings_test_service" / "__init__.py").write_text("")
+    (tmp_path / "settings_test_service" / "busconfig.py").write_text("from project.config import *\n")
+    (tmp_path / "celeryconfig.py").write_text("from project.config import *\n")
+    # When BUS_CONFIG_MODULE names the package's, Then that one is taken
+    named = config_module({"BUS_CONFIG_MODULE": " settings_test_service.busconfig "}, cwd=str(tmp_path))
+    assert named == "settings_test_service.busconfig"
+    assert str(tmp_path) not in sys.path  # the search left sys.path as it was
+
+
+@pytest.mark.parametrize("named", ["nope", "nope.celeryconfig", "project.nope", ".relative"])
+def test_a_config_module_that_does_not_exist_is_refused_naming_the_variable(tmp_path, named):
+    with pytest.raises(ConfigurationError) as error:
+        config_module({"BUS_CONFIG_MODULE": named}, cwd=str(tmp_path))
+    assert str(error.value) == (f"BUS_CONFIG_MODULE={named!r}: no such module on sys.path or in {tmp_path}; "
+                                "name an importable module (e.g. myservice.celeryconfig), or unset it")
+
+
+# ---- task modules: configured, never defaulted ------------------------------------------------------
+def test_project_config_takes_its_task_modules_from_bus_task_modules_only(monkeypatch, tmp_path):
+    # Given no BUS_TASK_MODULES, Then the bus's own settings name none
+    assert celeryconfig(monkeypatch, tmp_path)["include"] == []
+    # Given some, Then those
+    assert celeryconfig(monkeypatch, tmp_path, BUS_TASK_MODULES="shop.tasks,billing.tasks")["include"] == [
+        "shop.tasks", "billing.tasks"]
+
+
+def test_this_repositorys_celeryconfig_adds_the_shops_task_modules_and_commands(monkeypatch, tmp_path):
+    # Given no BUS_TASK_MODULES, Then the shop's tasks modules, with the bus's settings beside them
+    conf = shop_config(monkeypatch, tmp_path)
+    assert conf["include"] == ["tasks.orders", "tasks.accounts", "tasks.billing", "tasks.notifications", "tasks.audit"]
+    assert conf["task_acks_late"] is True and conf["broker_url"].startswith("redis+socket://")
+    # And the shop's own `bus` commands
+    assert conf["bus_cli"] == "entrypoints.cli:register"
+    # Given BUS_TASK_MODULES (a test's own modules), Then they replace the shop's
+    assert shop_config(monkeypatch, tmp_path, BUS_TASK_MODULES="tests.x")["include"] == ["tests.x"]
+
+
+def test_no_task_modules_is_one_line_naming_the_setting():
+    # Given a configuration without task modules
+    with pytest.raises(ConfigurationError) as error:
+        require_task_modules({"include": [], "imports": ()})
+    # Then the error is one line naming BUS_TASK_MODULES and celeryconfig's include
+    assert str(error.value) == NO_TASK_MODULES == (
+        "no task modules configured: set BUS_TASK_MODULES=yourservice.tasks (comma-separated), "
+        "or `include` in your celeryconfig.py")
+    # Given modules in either of Celery's settings, Then those
+    assert require_task_modules({"imports": ("a.tasks",), "include": ["b.tasks"]}) == ["a.tasks", "b.tasks"]
+    assert require_task_modules({"include": "a.tasks"}) == ["a.tasks"]

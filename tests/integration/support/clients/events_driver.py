@@ -6,8 +6,8 @@ reply per line on stdout, configured from the scenario's environment); it adds:
 - `write_event`: write events into the outbox with `OutboxSink` in a committed
   `UnitOfWork`, and publish nothing: the state a worker leaves when it dies right
   after its commit, before `publish_after_commit`;
-- `publish_outbox`: `project.messaging.outbox.publish(bus, ids)`, what a worker does after commit;
-- `relay`: `project.messaging.outbox.relay(bus, grace=...)`, what `bus relay` and beat do.
+- `publish_outbox`: `project.messaging.outbox.publish(bus.wiring, ids)`, what a worker does after commit;
+- `relay`: `project.messaging.outbox.relay(bus.wiring, grace=...)`, what `bus relay` and beat do.
 """
 from __future__ import annotations
 
@@ -40,12 +40,12 @@ def write_event(contract: str, fields: dict[str, Any], boundary: str, origin: st
 
 def publish_outbox(ids: list[str]) -> int:
     """Publish these outbox rows now, as a worker does after its commit; the number published."""
-    return outbox.publish(bus, ids)
+    return outbox.publish(bus.wiring, ids)
 
 
 def relay(grace_seconds: float = 0.0) -> int:
     """Publish every unpublished outbox row older than the grace; the number published."""
-    return outbox.relay(bus, grace=timedelta(seconds=grace_seconds))
+    return outbox.relay(bus.wiring, grace=timedelta(seconds=grace_seconds))
 
 
 base.OPS.update({f.__name__: f for f in (write_event, publish_outbox, relay)})

@@ -56,15 +56,15 @@ def _together(jobs: list[Callable[[], int]]) -> list[int]:
 
 def relays_together(relays: int, batch: int = 500) -> list[int]:
     """`relays` relays (no grace) started at one instant; the rows each published."""
-    return _together([lambda: outbox.relay(bus, batch=batch, grace=timedelta(0))] * relays)
+    return _together([lambda: outbox.relay(bus.wiring, batch=batch, grace=timedelta(0))] * relays)
 
 
 def publish_while_relaying(ids: list[str]) -> dict[str, Any]:
     """Workers' publishes after commit (one row each) and a relay, started at one instant."""
     def workers() -> int:
-        return sum(outbox.publish(bus, [row_id]) for row_id in ids)
+        return sum(outbox.publish(bus.wiring, [row_id]) for row_id in ids)
 
-    published, relayed = _together([workers, lambda: outbox.relay(bus, batch=50, grace=timedelta(0))])
+    published, relayed = _together([workers, lambda: outbox.relay(bus.wiring, batch=50, grace=timedelta(0))])
     return {"published": published, "relayed": relayed}
 
 

@@ -1,4 +1,7 @@
-"""events: outbox, inbox, audit log, port calls
+"""events: outbox, inbox
+
+The reference shop's audit_log and port_calls, once created here, are in the shop's own
+history (migrations/ in the repository).
 
 Revision ID: 0002
 Revises: 0001
@@ -16,13 +19,6 @@ depends_on = None
 
 def upgrade() -> None:
 
-    op.create_table('audit_log',
-    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
-    sa.Column('what', sa.String(length=100), nullable=False),
-    sa.Column('subject', sa.String(length=200), nullable=False),
-    sa.Column('at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('id')
-    )
     op.create_table('bus_inbox',
     sa.Column('event_id', sa.String(length=64), nullable=False),
     sa.Column('subscriber', sa.String(length=200), nullable=False),
@@ -47,27 +43,9 @@ def upgrade() -> None:
     with op.batch_alter_table('bus_outbox', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_bus_outbox_published_at'), ['published_at'], unique=False)
 
-    op.create_table('port_calls',
-    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
-    sa.Column('port', sa.String(length=30), nullable=False),
-    sa.Column('target', sa.String(length=320), nullable=False),
-    sa.Column('key', sa.String(length=300), nullable=True),
-    sa.Column('payload', sa.JSON(), nullable=False),
-    sa.Column('at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('id')
-    )
-    with op.batch_alter_table('port_calls', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_port_calls_port'), ['port'], unique=False)
-
-
-
 
 def downgrade() -> None:
 
-    with op.batch_alter_table('port_calls', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_port_calls_port'))
-
-    op.drop_table('port_calls')
     with op.batch_alter_table('bus_outbox', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_bus_outbox_published_at'))
 
@@ -76,5 +54,3 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_bus_inbox_processed_at'))
 
     op.drop_table('bus_inbox')
-    op.drop_table('audit_log')
-

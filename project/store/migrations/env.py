@@ -1,8 +1,12 @@
-"""Alembic environment: the bus's tables plus the application's (adapters.orm)."""
-from alembic import context
-from sqlalchemy import pool
+"""Alembic environment of `bus db upgrade`: the bus's history (versions/ here, branch `bus`)
+and every application's (BUS_MIGRATIONS) run through it, in one run, against one
+alembic_version table (project/store/migrate.py builds the configuration).
 
-import adapters.orm  # noqa: F401  (registers the domain tables on the shared metadata)
+`target_metadata` is the bus's tables: the bus's revisions are generated against it. An
+application writes its revisions against its own tables (docs/deployment.md, "Upgrading").
+"""
+from alembic import context
+
 from project.store.engine import engine_for
 from project.store.tables import metadata
 

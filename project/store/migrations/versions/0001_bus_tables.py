@@ -1,4 +1,9 @@
-"""bus tables and reference domain
+"""bus tables: commands (idempotency claims) and dead letters
+
+The root of the bus's history (branch `bus`). Until the bus shipped its migrations in the
+package, this revision also created the reference shop's orders and users: those moved to
+the shop's own history (migrations/ in the repository), and a database already at this
+revision keeps them.
 
 Revision ID: 0001
 Revises: 
@@ -10,7 +15,7 @@ import sqlalchemy as sa
 
 revision = '0001'
 down_revision = None
-branch_labels = None
+branch_labels = ('bus',)
 depends_on = None
 
 
@@ -57,29 +62,9 @@ def upgrade() -> None:
     with op.batch_alter_table('bus_dead_letters', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_bus_dead_letters_reason'), ['reason'], unique=False)
 
-    op.create_table('orders',
-    sa.Column('order_id', sa.String(length=100), nullable=False),
-    sa.Column('customer_id', sa.String(length=100), nullable=False),
-    sa.Column('lines', sa.JSON(), nullable=False),
-    sa.Column('total', sa.String(length=30), nullable=False),
-    sa.Column('placed_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('order_id')
-    )
-    op.create_table('users',
-    sa.Column('user_id', sa.String(length=100), nullable=False),
-    sa.Column('email', sa.String(length=320), nullable=False),
-    sa.Column('name', sa.String(length=200), nullable=False),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('user_id'),
-    sa.UniqueConstraint('email')
-    )
-
-
 
 def downgrade() -> None:
 
-    op.drop_table('users')
-    op.drop_table('orders')
     with op.batch_alter_table('bus_dead_letters', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_bus_dead_letters_reason'))
 
@@ -88,4 +73,3 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_bus_commands_created_at'))
 
     op.drop_table('bus_commands')
-

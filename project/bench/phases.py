@@ -1,0 +1,145 @@
+"""The measurements of `bus bench`: one `Bench` drives the phases of a run against one installation.
+
+Throughput is timed from the first send to the last completion, as the worker saw it
+(project/bench/probe.py); bare and bus phases alternate within each repeat.
+project/bench/peers.py drives dramatiq and FastStream through the same `drain`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack
+from typing import Any
+
+from rich.progress import Progress
+
+from project.bench.common import Options
+from project.bench.installation import Installation, Sender, Worker
+
+SUBSCRIBER_QUEUE = "bench_sub.sub_{:03d}"
+
+
+class Bench:
+    """The phases of one run, against one installation."""
+
+    def __init__(self, options: Options, installation: Installation, progress: Progress) -> None:
+        self.options = options
+        self.inst = installation
+        self.progress = progress
+        self.seq = 0
+
+    def drain(self, label: str, worker: Worker, sender: Sender, slot: int, expected: int,
+              request: dict[str, Any], stall: float | None = None) -> dict[str, Any]:
+        """Send (one request to `sender`), wait until `worker` completed `expected` more in `slot`."""
+        base = worker.probe()["slots"][slot]
+        task = self.progress.add_task(label, total=expected)
+        sender.request(**request)
+        sent = None
+        done, last_change, count = 0.0, time.monotonic(), 0.0
+        while True:
+            if sent is None and sender.done():
+                sent = sender.result()
+            reply = worker.probe()
+            count, last_done, failed = (reply["slots"][slot][i] - (base[i] if i != 1 else 0) for i in range(3))
+            if count != done:
+                done, last_change = count, time.monotonic()
+                self.progress.update(task, completed=min(count, expected))
+            if count >= expected and sent is not None:
+                break
+            if time.monotonic() - last_change > (stall or self.options.stall) and sent is not None:
+                break
+            time.sleep(0.1)
+        self.progress.remove_task(task)
+        elapsed = last_done - sent["first"] if count else math.nan
+        return {"sent": sent["sent"], "expected": expected, "done": int(count), "failed": int(failed),
+                "elapsed_s": elapsed, "per_s": count / elapsed if count and elapsed > 0 else 0.0,
+                "send_per_s": sent["sent"] / max(sent["last"] - sent["first"], 1e-9)}
+
+    def next_seq(self, n: int) -> int:
+        start, self.seq = self.seq, self.seq + n
+        return start
+
+    def throughput(self, label: str, worker: Worker, sender: Sender, n: int) -> dict[str, Any]:
+        return self.drain(label, worker, sender, 0, n, {"op": "burst", "kind": "noop", "n": n,
+                                                       "start": self.next_seq(n)})
+
+    def fanout(self, label: str, worker: Worker, sender: Sender, events: int, k: int,
+               lossy: bool = False) -> dict[str, Any]:
+        """`lossy`: kombu's Redis fanout (PUB/SUB) gives one consuming connection one copy, whatever K."""
+        figures = self.drain(label, worker, sender, 1, events * k, {"op": "burst", "kind": "fan", "n": events,
+                                                                     "start": self.next_seq(events)},
+                             stall=min(3.0, self.options.stall) if lossy else None)
+        figures["events"] = events
+        return figures
+
+    def latency(self, label: str, worker: Worker, sender: Sender) -> dict[str, Any]:
+        o = self.options
+        worker.probe("reset")
+        figures = self.drain(label, worker, sender, 0, o.latency_n, {"op": "paced", "n": o.latency_n, "rate": o.rate})
+        stats = worker.probe("latency", count=o.latency_n)["latency"]
+        figures.update({k: v * 1000 if k != "recorded" else v for k, v in stats.items()})  # ms
+        return figures
+
+    def warm(self, pairs: list[tuple[Worker, Sender]], kind: str = "noop", k: int = 1) -> None:
+        """A few messages through each side first: pool processes connect, caches fill."""
+        count = 4 * self.options.concurrency
+        for side, (worker, sender) in zip(("bare", "bus"), pairs):
+            sender.call("warm")
+            if kind == "noop":
+                self.throughput("warming up", worker, sender, count)
+            else:
+                self.fanout("warming up", worker, sender, max(1, count // k), k,
+                            lossy=side == "bare" and self.options.broker != "amqp")
+
+    # ---- groups -------------------------------------------------------------------
+    def commands(self) -> dict[str, list[dict[str, Any]]]:
+        o = self.options
+        runs: dict[str, list[dict[str, Any]]] = {key: [] for key in
+                                                 ("bare", "bus", "bare_latency", "bus_latency")}
+        with ExitStack() as stack:
+            bare, bus = self.inst.workers(0, ["bench_bare.noop"], ["bench"])
+            stack.callback(bare.stop)
+            stack.callback(bus.stop)
+            bare_sender, bus_sender = self.inst.senders(0)
+            stack.callback(bare_sender.close)
+            stack.callback(bus_sender.close)
+            self.warm([(bare, bare_sender), (bus, bus_sender)])
+            for r in range(o.repeat):
+                tag = f"[{r + 1}/{o.repeat}]"
+                if "commands" in o.phases:
+                    runs["bare"].append(self.throughput(f"bare Celery no-op {tag}", bare, bare_sender, o.n))
+                    runs["bus"].append(self.throughput(f"bus command no-op {tag}", bus, bus_sender, o.n))
+                if "latency" in o.phases:
+                    runs["bare_latency"].append(self.latency(f"bare latency @{o.rate:g}/s {tag}", bare, bare_sender))
+                    runs["bus_latency"].append(self.latency(f"bus latency @{o.rate:g}/s {tag}", bus, bus_sender))
+        return runs
+
+    def fanouts(self, k: int) -> dict[str, list[dict[str, Any]]]:
+        o = self.options
+        events = max(20, round(o.n / k))
+        runs: dict[str, list[dict[str, Any]]] = {"bare": [], "bus": [], "relay": []}
+        queues = [SUBSCRIBER_QUEUE.format(i) for i in range(k)]
+        with ExitStack() as stack:
+            from project.bench.bare import fan_queues
+            bare, bus = self.inst.workers(k, [q.name for q in fan_queues(k)], ["bench", "bench_sub"])
+            stack.callback(bare.stop)
+            stack.callback(bus.stop)
+            bare_sender, bus_sender = self.inst.senders(k)
+            stack.callback(bare_sender.close)
+            stack.callback(bus_sender.close)
+            self.warm([(bare, bare_sender), (bus, bus_sender)], kind="fan", k=k)
+            for r in range(o.repeat if "fanout" in o.phases else 0):
+                tag = f"K={k} [{r + 1}/{o.repeat}]"
+                runs["bare"].append(self.fanout(f"bare Celery fan-out {tag}", bare, bare_sender, events, k,
+                                                lossy=o.broker != "amqp"))
+                runs["bus"].append(self.fanout(f"bus event fan-out {tag}", bus, bus_sender, events, k))
+            bare.stop()
+            bus.stop()
+            for r in range(o.repeat if "relay" in o.phases else 0):
+                task = self.progress.add_task(f"outbox relay K={k} [{r + 1}/{o.repeat}]", total=None)
+                figures = bus_sender.call("relay", n=o.n)
+                figures["per_s"] = figures["published"] / figures["relay_s"] if figures["relay_s"] else 0.0
+                runs["relay"].append(figures)
+                bus_sender.call("purge", queues=queues)
+                self.progress.remove_task(task)
+        return runs

@@ -1,0 +1,69 @@
+"""What a command becomes before anything is published, for every sender: its body, task id and route.
+
+`delay`/`apply_async` of a command task, `bus.send`, a handler's `commands.send` (the
+outbox) and the HTTP intake all check a command here: its fields against the contract,
+its idempotency key against the length the store keeps, its route against the one queue
+a command may go to. Nothing here needs Celery.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from project.contracts import IDEMPOTENCY_KEY, Command
+from project.errors import MisroutedCommand
+from project.store import idempotency
+from project.store.tables import commands as commands_table
+
+
+def prepare(contract: type[Command], fields: dict[str, Any], key: str | None) -> tuple[dict[str, Any], str]:
+    """Validate `fields` (pydantic's ValidationError; ValueError for a key too long) -> (body, task id)."""
+    fields = dict(fields)
+    key = key or fields.pop(IDEMPOTENCY_KEY, None)
+    fields.pop(IDEMPOTENCY_KEY, None)
+    return body_of(contract.model_validate(fields), key)
+
+
+def body_of(command: Command, key: str | None) -> tuple[dict[str, Any], str]:
+    """The message body of a validated command and its task id (raises ValueError for a key too long)."""
+    payload = command.payload()
+    key = key or command.natural_key_value()
+    if key is None:
+        return payload, str(uuid.uuid4())
+    check_key(command.task_name(), key)
+    task_id = idempotency.task_id_for(command.task_name(), key, command.payload_hash())
+    return {**payload, IDEMPOTENCY_KEY: key}, task_id
+
+
+def check_key(name: str, key: str) -> None:
+    """Refuse, before anything is published, a key the worker could not claim."""
+    # Past the column's length PostgreSQL refuses the claim, and the message would end
+    # dead-lettered as retries-exhausted on the worker, long after the caller moved on.
+    limit = commands_table.c.key.type.length
+    if len(str(key)) > limit:
+        raise ValueError(
+            f"the idempotency key of {name} is {len(str(key))} characters long; the bus stores at most "
+            f"{limit} (column bus_commands.key). Use a shorter key, e.g. a digest of this one: "
+            f"hashlib.sha256(key.encode()).hexdigest()"
+        )
+
+
+def check_route(name: str, options: dict[str, Any]) -> None:
+    """A command goes to its own queue only: never another queue, never a fanout exchange.
+
+    Accepted: no routing options, or the command's own queue named by `queue`, by its own
+    exchange, or by the default exchange ('') with its name as routing key (a retry's route).
+    """
+    queue = options.get("queue")
+    queue_name = getattr(queue, "name", queue)
+    exchange = options.get("exchange")
+    exchange_name = getattr(exchange, "name", exchange)
+    routing_key = options.get("routing_key")
+    if queue_name not in (None, name) or exchange_name not in (None, "", name) \
+            or routing_key not in (None, name) or getattr(exchange, "type", "direct") == "fanout":
+        raise MisroutedCommand(
+            f"{name} is a command: it goes to its own queue {name!r} and nowhere else "
+            f"(got queue={queue_name!r}, exchange={exchange_name!r}, routing_key={routing_key!r}). "
+            f"Drop the queue/exchange/routing_key options; to tell many listeners, publish an event "
+            f"from the handler instead."
+        )

@@ -1,8 +1,9 @@
 """The Celery app of the bus (Celery's `proj/celery.py` convention): `celery -A project ...` finds it.
 
-Settings come from `celeryconfig.py`; task modules (tasks/) are found through its
-`include` list, so this package never imports a business domain. What the bus wires
-into the app is project/compose.py's.
+Settings come from the config module `project.settings.config_module()` chooses
+(BUS_CONFIG_MODULE, a `celeryconfig.py` in the working directory, else project.config);
+task modules are found through its `include` list (BUS_TASK_MODULES), so this package
+never imports a business domain. What the bus wires into the app is project/compose.py's.
 """
 from __future__ import annotations
 

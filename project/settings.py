@@ -260,6 +260,27 @@ def require_task_modules(conf: Mapping[str, Any]) -> list[str]:
     return modules
 
 
+def import_task_modules(app: Any) -> list[str]:
+    """Import the task modules of `app`'s configuration (the full registry); their names.
+
+    None configured stops with NO_TASK_MODULES; a configured module that cannot be found
+    stops with one line naming it and the fix. An import error inside a module that was
+    found is the module's own and keeps its traceback.
+    """
+    modules = require_task_modules(app.conf)
+    try:
+        app.loader.import_default_modules()
+    except ModuleNotFoundError as exc:
+        missing = next((m for m in modules if exc.name and (m == exc.name or m.startswith(exc.name + "."))), None)
+        if missing is None:
+            raise
+        raise ConfigurationError(
+            f"task module {missing!r} (BUS_TASK_MODULES, or include in the config module) cannot be imported: "
+            f"no module named {exc.name!r}; run from the directory that holds it, or add that directory to "
+            f"PYTHONPATH") from None
+    return modules
+
+
 def _names(value: Any) -> list[str]:
     if not value:
         return []

@@ -23,9 +23,8 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def loaded_bus():
     """The bus with every tasks module of the configuration imported (full registry)."""
     from project import app, bus
-    from project.settings import require_task_modules
-    require_task_modules(app.conf)  # none configured: one line naming BUS_TASK_MODULES (exit 2)
-    app.loader.import_default_modules()
+    from project.settings import import_task_modules
+    import_task_modules(app)  # none configured, or one not found: one line naming the fix (exit 2)
     return bus
 
 

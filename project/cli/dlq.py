@@ -6,7 +6,7 @@ what is wrong and how to ask instead, and exits with status 2; nothing is change
 from __future__ import annotations
 
 import json
-from typing import NoReturn, Optional
+from typing import Optional
 
 import typer
 from rich.progress import (
@@ -18,7 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from project.cli.common import console, errors, loaded_bus
+from project.cli.common import console, errors, fail, loaded_bus
 from project.durations import parse_duration
 
 dlq_cli = typer.Typer(help="Dead letters: messages the bus could not process, kept with the reason.",
@@ -26,10 +26,6 @@ dlq_cli = typer.Typer(help="Dead letters: messages the bus could not process, ke
 #: replays of this many entries or more show a progress bar (on stderr)
 PROGRESS_FROM = 10
 
-
-def _fail(message: str) -> NoReturn:
-    errors.print(f"[red]error[/red]: {message}", highlight=False)
-    raise typer.Exit(2)
 
 
 def _bus():
@@ -49,11 +45,11 @@ def _selection(queue: str | None, reason: str | None, older_than: str | None, re
         try:
             age = parse_duration(older_than)
         except ValueError as exc:
-            _fail(f"--older-than {older_than!r}: {exc}")
+            fail(f"--older-than {older_than!r}: {exc}")
     try:
         check_reason(reason)
     except DeadLetterError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     return Selection(queue=queue, reason=reason, older_than=age, replayed=replayed)
 
 
@@ -88,7 +84,7 @@ def show(letter_id: int = typer.Argument(..., metavar="ID"),
     try:
         [row] = get(_engine(), [letter_id])
     except DeadLetterError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     view = as_dict(row, body=True)
     if as_json:
         typer.echo(json.dumps(view, indent=2, default=str))
@@ -116,11 +112,11 @@ def replay(ids: Optional[list[int]] = typer.Argument(None, metavar="[ID]...", he
     from project.dead_letters.admin import DeadLetterError, find, get
     from project.dead_letters.admin import replay as replay_rows
     if ids and queue:
-        _fail("give dead-letter ids or --queue, not both")
+        fail("give dead-letter ids or --queue, not both")
     if not ids and not queue:
-        _fail("give the ids to replay (`bus dlq list` shows them), or --queue Q for the pending ones of a queue")
+        fail("give the ids to replay (`bus dlq list` shows them), or --queue Q for the pending ones of a queue")
     if ids and (reason or include_replayed):
-        _fail("--reason and --all go with --queue; with ids, exactly those entries are replayed")
+        fail("--reason and --all go with --queue; with ids, exactly those entries are replayed")
     selection = None if ids else _selection(queue, reason, None, replayed=None if include_replayed else False)
     try:
         rows = get(_engine(), ids) if ids else find(_engine(), selection)
@@ -135,7 +131,7 @@ def replay(ids: Optional[list[int]] = typer.Argument(None, metavar="[ID]...", he
                 task = progress.add_task("replay", total=len(rows))
                 sent = replay_rows(bus.wiring, rows, on_sent=lambda _row: progress.advance(task))
     except DeadLetterError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps({"replayed": [r.id for r in rows]}))
         return
@@ -153,9 +149,9 @@ def purge(queue: Optional[str] = typer.Option(None, "--queue", help="Only this q
     from project.dead_letters.admin import purge as purge_rows
     selection = _selection(queue, reason, older_than, True if replayed else None)
     if everything and not selection.empty:
-        _fail("--all purges every dead letter; leave it out to purge by --queue/--reason/--older-than/--replayed")
+        fail("--all purges every dead letter; leave it out to purge by --queue/--reason/--older-than/--replayed")
     if not everything and selection.empty:
-        _fail("say what to purge: --queue, --reason, --older-than, --replayed, or --all for every dead letter")
+        fail("say what to purge: --queue, --reason, --older-than, --replayed, or --all for every dead letter")
     count = purge_rows(_engine(), selection)
     console.print(f"purged {count} dead letter(s)", highlight=False)
 
@@ -169,7 +165,7 @@ def drain(as_json: bool = typer.Option(False, "--json", help="Print the count as
     try:
         count = drain_queue(bus.settings)
     except DeadLetterExchangeError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps({"drained": count}))
     else:

@@ -52,9 +52,9 @@ def check(timeout: float = typer.Option(2.0, help="Seconds to wait for worker re
           outbox_age: str = typer.Option("60s", "--outbox-age", help="Warn about outbox rows unpublished for "
                                          "longer than this (e.g. 90s, 15m).")) -> None:
     """Check the running cluster and the broker: one owner per command queue, queues and bindings as declared."""
-    from project.messaging.outbox import waiting
     from project.observe.cluster import survey
     from project.observe.drift import examine
+    from project.store.backlog import waiting
     age = duration(outbox_age, "--outbox-age")
     bus = loaded_bus()
     report = survey(bus.wiring, timeout)

@@ -8,20 +8,15 @@ leased (nothing is changed then).
 from __future__ import annotations
 
 import json
-from typing import NoReturn
 
 import typer
 from rich.table import Table
 
-from project.cli.common import console, errors, loaded_bus
+from project.cli.common import console, fail, loaded_bus
 
 owners_cli = typer.Typer(help="Owner leases: which handler owns each command queue, until when.",
                          invoke_without_command=True)
 
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    errors.print(f"[red]error[/red]: {message}", highlight=False)
-    raise typer.Exit(code)
 
 
 def _engine():
@@ -68,9 +63,9 @@ def release(queue: str = typer.Argument(..., help="The command queue, e.g. order
     held = {queue_of(h): h for h in _leases()}
     known = set(loaded_bus().registry.commands) | set(held)
     if queue not in known:
-        _fail(f"{queue!r} is not a command queue of this bus nor leased; known: {', '.join(sorted(known)) or 'none'}")
+        fail(f"{queue!r} is not a command queue of this bus nor leased; known: {', '.join(sorted(known)) or 'none'}")
     if queue not in held or not release_lease(_engine(), lease_name(queue)):
-        _fail(f"{queue} has no owner lease; nothing to release (`bus owners` lists them)", code=1)
+        fail(f"{queue} has no owner lease; nothing to release (`bus owners` lists them)", code=1)
     console.print(f"released the owner lease of {queue}: it was {describe(held[queue])}", highlight=False)
     if state(held[queue]) == "live":
         console.print(f"[yellow]warning[/yellow]: it was live; if {held[queue].holder} or a replica still runs, "

@@ -28,11 +28,10 @@ import logging
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta, timezone
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
-from sqlalchemy import Select, and_, func, or_, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import Select, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from project.contracts import Command, Event
@@ -137,18 +136,6 @@ def relay(wiring: "Wiring", batch: int = 500, grace: timedelta = timedelta(0)) -
         total += count
         if count < batch:  # the rest, if any, is claimed by another publisher
             return total
-
-
-def waiting(engine: Engine, older_than: timedelta) -> tuple[int, timedelta]:
-    """(unpublished rows committed over `older_than` ago, how long the oldest of them has waited)."""
-    now = utcnow()
-    with engine.connect() as conn:
-        count, oldest = conn.execute(select(func.count(), func.min(outbox.c.created_at))
-                                     .where(outbox.c.published_at.is_(None),
-                                            outbox.c.created_at <= now - older_than)).one()
-    if not count:
-        return 0, timedelta(0)
-    return count, now - (oldest if oldest.tzinfo else oldest.replace(tzinfo=timezone.utc))
 
 
 def _unclaimed(now: Any) -> Any:

@@ -215,16 +215,12 @@ class BusGauges:
         yield depth
 
     def outbox(self) -> tuple[int, float]:
-        from sqlalchemy import func, select
+        """(unpublished outbox rows, seconds the oldest has waited): what `bus check --outbox-age 0` reads."""
+        from datetime import timedelta
 
-        from project.store.tables import outbox, utcnow
-        with self.engine().connect() as conn:
-            count, oldest = conn.execute(select(func.count(), func.min(outbox.c.created_at))
-                                         .where(outbox.c.published_at.is_(None))).one()
-        if oldest is None:
-            return count, 0.0
-        now = utcnow() if oldest.tzinfo else utcnow().replace(tzinfo=None)
-        return count, max(0.0, (now - oldest).total_seconds())
+        from project.store.backlog import waiting
+        count, waited = waiting(self.engine(), timedelta(0))
+        return count, waited.total_seconds()
 
     def queue_depths(self) -> dict[str, int]:
         names = sorted(self.app.amqp.queues.consume_from or {})

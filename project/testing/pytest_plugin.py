@@ -26,12 +26,11 @@ def pytest_configure(config: pytest.Config) -> None:
 def _loaded_bus() -> Any:
     from project import app, bus
     from project.errors import ConfigurationError
-    from project.settings import require_task_modules
+    from project.settings import import_task_modules
     try:
-        require_task_modules(app.conf)
+        import_task_modules(app)
     except ConfigurationError as exc:
-        pytest.fail(str(exc), pytrace=False)  # one line naming BUS_TASK_MODULES, not a traceback
-    app.loader.import_default_modules()
+        pytest.fail(str(exc), pytrace=False)  # one line naming BUS_TASK_MODULES or the module, not a traceback
     return bus
 
 

@@ -75,6 +75,27 @@ def test_a_command_that_needs_the_registry_stops_with_one_line_naming_bus_task_m
     assert (done.returncode, done.stderr) == (2, f"error: {NO_TASK_MODULES}\n")
 
 
+@pytest.mark.parametrize("modules", ["inventory.tasks", "tasks_of_nobody"])
+def test_a_task_module_that_cannot_be_found_is_one_line_naming_it(tmp_path, modules):
+    # Given BUS_TASK_MODULES naming a module that is not on the path from here
+    # When a command that reads the registry runs
+    done = run([BUS, "topology"], tmp_path, BUS_TASK_MODULES=modules)
+    # Then it exits 2 with one line that names the module, the setting and the fix, no traceback
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert modules in done.stderr and "BUS_TASK_MODULES" in done.stderr and "PYTHONPATH" in done.stderr
+
+
+def test_an_import_error_inside_a_task_module_keeps_its_traceback(tmp_path):
+    # Given a task module that exists but imports something missing (the service's own bug)
+    (tmp_path / "broken_tasks.py").write_text("import not_installed_anywhere\n")
+    # When a command that reads the registry runs
+    done = run([BUS, "topology"], tmp_path, BUS_TASK_MODULES="broken_tasks")
+    # Then the error is the module's own, with the line that raised it
+    assert done.returncode != 0
+    assert "not_installed_anywhere" in done.stderr and "broken_tasks.py" in done.stderr, done.stderr
+
+
 def test_the_repositorys_bus_has_the_shops_commands():
     # Given this repository's celeryconfig.py (bus_cli = "entrypoints.cli:register")
     done = run([BUS, "--help"], REPO)

@@ -686,8 +686,14 @@ def show(figures: dict[str, Any]) -> None:
         print(f"{name.ljust(width)}  {value}")
 
 
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    """SIGTERM (a caller's timeout) unwinds like Ctrl-C: the `finally` blocks stop the workers started."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     figures = run(args)
     reasons = failed(figures)
     figures["passed"] = not reasons

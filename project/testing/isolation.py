@@ -44,6 +44,9 @@ def claim_redis_db(cleanups: Cleanups, redis_url: str = "redis://127.0.0.1:6379"
         client = redis.Redis.from_url(f"{redis_url.rstrip('/')}/{number}")
         owner = client.get(REDIS_MARK)
         stale = owner is not None and not alive(int(owner))
+        if _others_connected(client, number):
+            client.close()  # an orphaned worker of an earlier run still consumes here: it would take our messages
+            continue
         if stale or (client.dbsize() == 0 and client.set(REDIS_MARK, os.getpid(), nx=True)):
             client.flushdb()
             client.set(REDIS_MARK, os.getpid())
@@ -54,7 +57,14 @@ def claim_redis_db(cleanups: Cleanups, redis_url: str = "redis://127.0.0.1:6379"
             cleanups.append(release)
             return number
         client.close()
-    raise IsolationError(f"no empty Redis database (1-15) at {redis_url}; FLUSHDB one you do not need")
+    raise IsolationError(f"no empty Redis database (1-15) at {redis_url} without clients; FLUSHDB one you do not "
+                         f"need, and stop the processes `redis-cli CLIENT LIST` shows on it")
+
+
+def _others_connected(client, number: int) -> bool:
+    """Whether a connection other than `client`'s own has database `number` selected."""
+    mine = client.client_id()
+    return any(int(c.get("db", -1)) == number and int(c["id"]) != mine for c in client.client_list())
 
 
 def rabbitmqctl(*args: str) -> str:

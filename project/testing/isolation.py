@@ -62,9 +62,42 @@ def claim_redis_db(cleanups: Cleanups, redis_url: str = "redis://127.0.0.1:6379"
 
 
 def _others_connected(client, number: int) -> bool:
-    """Whether a connection other than `client`'s own has database `number` selected."""
-    mine = client.client_id()
-    return any(int(c.get("db", -1)) == number and int(c["id"]) != mine for c in client.client_list())
+    """Whether another process has a connection with database `number` selected.
+
+    Connections of this process (pools of its earlier scenarios) do not count: only another
+    process, such as an orphaned worker, can consume there behind our back.
+    """
+    mine = _own_ports()
+    return any(int(c.get("db", -1)) == number and int(c.get("addr", ":0").rpartition(":")[2]) not in mine
+               for c in client.client_list())
+
+
+def _own_ports() -> set[int]:
+    """The local TCP ports of this process's sockets (Linux /proc; elsewhere none are known)."""
+    inodes = set()
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return set()
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            with open(table) as lines:
+                rows = lines.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rpartition(":")[2], 16))
+    return ports
 
 
 def rabbitmqctl(*args: str) -> str:

@@ -43,6 +43,12 @@ task_acks_on_failure = True
 # One message reserved per process: a slow handler does not hold others hostage, and a
 # killed worker has at most one in-flight message per process to redeliver.
 worker_prefetch_multiplier = _settings.env_int("BUS_PREFETCH", 1, minimum=1)
+# Batched execution (project/transport/batching.py), off by default (0 or 1): a pool process runs up
+# to this many deliveries in one transaction, a savepoint each. A batch forms from what is reserved
+# while the previous one runs, so each process reserves two batches' worth (BUS_PREFETCH, if higher, wins).
+bus_batch_max = _settings.env_int("BUS_BATCH_MAX", 0, minimum=0)
+if bus_batch_max > 1:
+    worker_prefetch_multiplier = max(worker_prefetch_multiplier, 2 * bus_batch_max)
 # 2 pool processes per CPU on PostgreSQL (they wait on the database), 1 per CPU on SQLite
 # (one writer): the profile measured best by `bus bench` (BUS_CONCURRENCY, or -c, overrides).
 worker_concurrency = _settings.worker_concurrency(_bus.database_url)

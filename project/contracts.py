@@ -10,9 +10,12 @@ This module depends on pydantic only.
 from __future__ import annotations
 
 import decimal
+import functools
 import hashlib
 import json
 import re
+import types
+import typing
 from collections import deque
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
@@ -96,8 +99,26 @@ class Message(BaseModel):
         """
         if received:
             return payload_hash(self.model_dump(mode="python"))
+        return self.payload_and_hash()[1]
+
+    def payload_and_hash(self) -> tuple[dict[str, Any], str]:
+        """`payload()` and `payload_hash()` from one dump of the fields (what a sender needs of a message).
+
+        Where the contract's fields are all plain text, numbers, booleans or None, the JSON
+        body is what the worker rebuilds, value for value (`_plain_fields`): it is hashed as
+        it is. Any other body is rebuilt first, as the worker will.
+        """
+        payload = self.payload()
+        plain = _plain_fields(type(self))
+        if plain is not None and len(payload) == len(plain) \
+                and all(type(payload.get(name, _MISSING)) in kinds for name, kinds in plain):
+            return payload, payload_hash(payload)
+        return payload, self._rebuilt_hash(payload)
+
+    def _rebuilt_hash(self, payload: dict[str, Any]) -> str:
+        """The hash of the message the worker rebuilds from `payload`, this message's JSON body."""
         try:
-            received_model = type(self).model_validate(self.payload())
+            received_model = type(self).model_validate(payload)
         except ValidationError as exc:
             raise TypeError(f"{type(self).__name__} does not validate from its own JSON body, so the worker would "
                             f"refuse it: {exc}\nGive its fields types that JSON carries back (no strict mode for "
@@ -105,13 +126,66 @@ class Message(BaseModel):
         return payload_hash(received_model.model_dump(mode="python"))
 
 
+_MISSING = object()
+#: a field of one of these types, holding a value of exactly that type, comes back from JSON as that value
+_PLAIN_TYPES = (str, int, float, bool)
+#: settings that change neither how a plain field validates nor how it is dumped
+_PLAIN_CONFIG = frozenset({"frozen", "extra", "title", "json_schema_extra", "use_attribute_docstrings", "strict",
+                           "hide_input_in_errors", "protected_namespaces", "defer_build", "validate_assignment"})
+#: what a contract could override to change its body or what the worker makes of it
+_HOOKS = ("payload", "model_dump", "model_validate", "model_post_init", "__get_pydantic_core_schema__")
+
+
+@functools.cache
+def _plain_fields(contract: type[Message]) -> tuple[tuple[str, tuple[type, ...]], ...] | None:
+    """Each field's name and the exact types of its plain values; None unless every field can be plain.
+
+    A value of exactly str, int, float or bool (or None where the field allows it) is dumped to
+    JSON as itself, and the worker validates it back to itself: nothing in the contract may
+    change it on the way, so no validator or serializer (on the model or the field), no
+    constraint, alias, exclusion or setting of the field, no setting of the model that touches
+    text or numbers, no hook around validation or dumping. Then the payload is its own rebuild.
+    """
+    model = contract.__pydantic_decorators__
+    if any((model.validators, model.field_validators, model.root_validators, model.field_serializers,
+            model.model_serializers, model.model_validators, model.computed_fields)):
+        return None
+    config = contract.model_config
+    if not set(config) <= _PLAIN_CONFIG or config.get("extra") not in (None, "forbid", "ignore"):
+        return None  # extra="allow" would dump extra values of any type
+    own = contract.__mro__[:contract.__mro__.index(Message)]  # the contract and the classes it adds to Message
+    if any(hook in vars(cls) for cls in own for hook in _HOOKS):
+        return None
+    plain = []
+    for name, field in contract.model_fields.items():
+        kinds = _plain_kinds(field.annotation)
+        if kinds is None or field.metadata or field.exclude or field.discriminator is not None \
+                or (field.alias, field.validation_alias, field.serialization_alias) != (None, None, None):
+            return None
+        plain.append((name, kinds))
+    return tuple(plain)
+
+
+def _plain_kinds(annotation: Any) -> tuple[type, ...] | None:
+    """`str` -> (str,); `int | None` -> (int, NoneType); None for any other annotation."""
+    if annotation in _PLAIN_TYPES:
+        return (annotation,)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if len(args) == 2 and type(None) in args:
+            other = args[0] if args[1] is type(None) else args[1]
+            if other in _PLAIN_TYPES:
+                return (other, type(None))
+    return None
+
+
 def payload_hash(payload: dict[str, Any]) -> str:
     """Digest of a payload: its values in canonical form, as JSON with sorted keys."""
     return hashlib.sha256(_encoded(_canonical(payload)).encode()).hexdigest()
 
 
-def _encoded(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+#: json.dumps(value, sort_keys=True, separators=(",", ":")), without building an encoder per call
+_encoded = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 
 
 # Decimal.normalize() rounds to the context's precision: 28 digits by default, and a process may set another
@@ -178,13 +252,18 @@ class Command(Message):
     @classmethod
     def task_name(cls) -> str:
         """Task name == queue name == `<boundary>.<snake_command>`."""
-        return f"{cls.boundary}.{snake_case(cls.__name__)}"
+        return _task_name(cls)
 
     def natural_key_value(self) -> str | None:
         """The key derived from the fields named in `natural_key`, or None."""
         if not self.natural_key:
             return None
         return "|".join(f"{f}={getattr(self, f)}" for f in self.natural_key)
+
+
+@functools.cache
+def _task_name(contract: type[Command]) -> str:
+    return f"{contract.boundary}.{snake_case(contract.__name__)}"
 
 
 class Event(Message):

@@ -29,7 +29,7 @@ from project.messaging.outbox import Publisher
 from project.messaging.providers import Provider, Providers
 from project.messaging.registry import Registry
 from project.messaging.retry import Backoff, default_command_policy
-from project.messaging.sending import body_of, check_route
+from project.messaging.sending import body_of, check_route, shown
 from project.messaging.subscribers import SubscriberTask, run_subscriber
 from project.messaging.topology import (
     Topology,
@@ -129,7 +129,7 @@ class Bus:
         self.ensure_broker()
         # the topology's queue (not a bare name): its declaration must match the workers'
         return self.app.send_task(name, kwargs=body, task_id=options.pop("task_id", task_id),
-                                  queue=named_command_queue(name), **options)
+                                  queue=named_command_queue(name), **{**shown(body), **options})
 
     def purge_keys(self, age: timedelta) -> int:
         """Forget idempotency keys claimed (and executions logged) more than `age` ago; the number of keys."""

@@ -16,7 +16,7 @@ from project.contracts import IDEMPOTENCY_KEY, DomainError
 from project.errors import IdempotencyConflict, InvalidMessage
 from project.messaging.retry import Backoff
 from project.messaging.runtime import BusTask
-from project.messaging.sending import check_route, prepare
+from project.messaging.sending import check_route, prepare, shown
 from project.store import results
 
 
@@ -41,7 +41,7 @@ class CommandTask(BusTask):
         check_route(self.name, options)
         body, derived_id = prepare(self.binding.contract, kwargs or {}, options.pop(IDEMPOTENCY_KEY, None))
         self.ensure_broker()
-        return super().apply_async((), body, task_id=task_id or derived_id, **options)
+        return super().apply_async((), body, task_id=task_id or derived_id, **{**shown(body), **options})
 
 
 

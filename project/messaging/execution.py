@@ -34,6 +34,7 @@ from project.headers import EVENT_ID
 from project.messaging import redispatch
 from project.messaging.retry import Backoff
 from project.observe import metrics
+from project.store import batch as batches
 from project.store import execution_log, idempotency, inbox
 from project.store.tables import utcnow
 from project.store.uow import UnitOfWork
@@ -112,14 +113,14 @@ class Execution:
             raise
         except Exception as exc:
             raise self._failure(binding, self.command_policy(), exc, {**payload, IDEMPOTENCY_KEY: key}, delivery)
-        self.publisher().publish(committed)
+        self._publish(committed)
         return executed
 
     def _command_once(self, binding, command: Command, key: str, payload: dict[str, Any],
                       delivery: Delivery) -> tuple[Executed, list[str]]:
         """Run the handler under the claim, or get the stored outcome; and the outbox ids to publish now."""
         name, digest = binding.name, command.payload_hash(received=True)  # validated from the message body
-        with UnitOfWork(self.engine()) as uow:
+        with self._unit() as uow:
             for _ in range(CLAIM_ATTEMPTS):
                 if idempotency.claim(uow.session, name, key, digest, payload, delivery.message_id):
                     return self._run_claimed(binding, command, key, delivery, uow)
@@ -195,12 +196,12 @@ class Execution:
             ran, published = self._subscriber_once(binding, event, event_id, delivery)
         except Exception as exc:
             raise self._failure(binding, binding.retry, exc, body, delivery)
-        self.publisher().publish(published)
+        self._publish(published)
         return Executed(None, ran)
 
     def _subscriber_once(self, binding, event, event_id: str, delivery: Delivery) -> tuple[bool, list[str]]:
         """(True, outbox ids written) if the handler ran; (False, what its earlier run left unpublished) if not."""
-        with UnitOfWork(self.engine()) as uow:
+        with self._unit() as uow:
             if not inbox.claim(uow.session, event_id, binding.name):
                 left = redispatch.left_unpublished(uow.session, delivery.message_id, binding.name, delivery.started_at)
                 uow.commit()
@@ -218,6 +219,24 @@ class Execution:
             return True, sink.written
 
     # ---- shared ------------------------------------------------------------------
+    def _unit(self) -> UnitOfWork:
+        """The delivery's unit of work: a transaction of its own, or its savepoint in the batch running it."""
+        batch = batches.current()
+        return batch.unit() if batch is not None else UnitOfWork(self.engine())
+
+    def _writes(self) -> Any:
+        """Where a failure's log and dead letter are written: the engine, or the running batch's transaction."""
+        batch = batches.current()
+        return batch.writer() if batch is not None else self.engine()
+
+    def _publish(self, ids: list[str]) -> None:
+        """Hand outbox rows to the publisher: now, or once the running batch committed."""
+        batch = batches.current()
+        if batch is None:
+            self.publisher().publish(ids)
+        elif ids:
+            batch.after_commit(lambda: self.publisher().publish(ids))
+
     def _validate(self, binding, fields: dict[str, Any], body: dict[str, Any], delivery: Delivery) -> BaseModel:
         try:
             return binding.contract.model_validate(fields)
@@ -233,7 +252,7 @@ class Execution:
                  delivery: Delivery) -> Exception:
         """What to raise: RetryLater if the policy retries `exc`, else `exc`, dead-lettered."""
         retry = policy.should_retry(exc, delivery.attempt)
-        execution_log.failed(self.engine(), binding, delivery, exc, state="retrying" if retry else "dead-lettered",
+        execution_log.failed(self._writes(), binding, delivery, exc, state="retrying" if retry else "dead-lettered",
                      event_id=body.get(EVENT_ID))
         if retry:
             logger.warning("%s attempt %d failed (%r); retrying", binding.name, delivery.attempt + 1, exc)
@@ -255,7 +274,7 @@ class Execution:
     def _record(self, binding, reason: str, error: str, body: dict[str, Any], delivery: Delivery,
                 tb: str | None) -> None:
         deadletters.record(
-            self.engine(), reason=reason, message_id=delivery.message_id, task=binding.name,
+            self._writes(), reason=reason, message_id=delivery.message_id, task=binding.name,
             queue=binding.name, boundary=binding.boundary, error=error, traceback=tb,
             headers={"task": binding.name, "id": delivery.message_id, "retries": delivery.attempt},
             body=json.dumps(body, default=str, sort_keys=True).encode(), content_type="application/json",

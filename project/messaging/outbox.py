@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 from project.contracts import Command, Event
 from project.errors import NotACommand, WrongBoundary
 from project.headers import CAUSATION_HEADER, CORRELATION_HEADER, EVENT_ID
-from project.messaging.sending import body_of, check_route
+from project.messaging.sending import body_of, check_route, kwargs_repr
 from project.messaging.topology import Topology, event_exchange, named_command_queue
 from project.store.engine import single_statements
 from project.store.tables import outbox, utcnow
@@ -183,17 +183,6 @@ class _NoSentEvent:
 
     def publish(self, *args: Any, **kwargs: Any) -> None:
         pass
-
-
-def kwargs_repr(payload: dict[str, Any], limit: int = 1024) -> str:
-    """What Flower shows as an event's kwargs: Celery's saferepr, without its cost per row.
-
-    A payload is JSON (str, numbers, lists, dicts), whose repr saferepr would give as is;
-    saferepr walks it in Python, which was a tenth of the relay's time. Cut at `limit`
-    characters, as saferepr is.
-    """
-    text = repr(payload)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @contextmanager

@@ -54,7 +54,18 @@ def mark(request: Any, stored_under: str | None) -> None:
 
 
 class RedisBackend(CeleryRedisBackend):
-    """Celery's Redis backend; a command's SUCCESS is written without reading the key first."""
+    """Celery's Redis backend; a command's SUCCESS is written without reading the key first, and a
+    send does not subscribe to its result."""
+
+    def on_task_call(self, producer, task_id):
+        """Subscribe to a result when a caller waits for it, not on every send.
+
+        Celery subscribes at each send, and unsubscribes when the AsyncResult is dropped:
+        two more commands to Redis, a seventh of a command's `.delay()` (docs/benchmarks.md).
+        A waiting `get()` (or `then()`) subscribes first and then reads the stored result,
+        so a result stored before the caller waits still reaches it.
+        """
+        return {}
 
     def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
         if state != states.SUCCESS or not hasattr(request, STORED_WITH_CLAIM):

@@ -28,6 +28,19 @@ RECORD_RETRY_FIRST, RECORD_RETRY_CAP = 1.0, 60.0
 class BusConsumer(Consumer):
     """Celery's consumer, with a dead-letter record before every drop."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cap = int(self.app.conf.get("bus_batch_max") or 0)
+        if cap > 1:  # batched execution, off by default
+            from project.transport.batching import Batcher
+            self.on_task_request = Batcher(self, cap)
+
+    def on_close(self) -> None:
+        drop = getattr(self.on_task_request, "drop_waiting", None)  # a Batcher's requests of the closed channel
+        if drop is not None:
+            drop()
+        super().on_close()
+
     def create_task_handler(self, promise=promise):
         handle = super().create_task_handler(promise)
         limit = int(self.app.conf.get("bus_max_message_bytes") or 0)

@@ -8,6 +8,7 @@ conflict, dead-lettered. The processes of these tests run with their own seeds a
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import string
@@ -18,16 +19,27 @@ from decimal import Decimal
 from enum import Enum, IntEnum
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator, Optional
 from uuid import UUID
 
 import pytest
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel, ConfigDict, EmailStr, HttpUrl
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    HttpUrl,
+    StringConstraints,
+    create_model,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from handlers.messages import PlaceOrder
-from project.contracts import IDEMPOTENCY_KEY, Command
+from project.contracts import IDEMPOTENCY_KEY, Command, _plain_fields
 from tests.conftest import REPO
 
 
@@ -372,3 +384,169 @@ def test_a_contract_that_does_not_validate_from_its_own_body_is_refused_with_the
         Stamp(at=datetime(2024, 5, 1, tzinfo=timezone.utc)).payload_hash()
     assert "Stamp does not validate from its own JSON body, so the worker would refuse it" in str(error.value)
     assert "no strict mode" in str(error.value)
+
+
+# ---- the caller's fast path: a plain body is hashed as it is -----------------------------
+class Plain(Command, boundary="hashing"):
+    """Text, numbers, a boolean, an optional: a body the worker rebuilds value for value."""
+
+    note: str
+    count: int
+    ratio: float
+    flag: bool
+    maybe: int | None = None
+
+
+#: field types, each with the values a contract may hold; the plain ones first
+FIELD_TYPES: dict[str, tuple[Any, st.SearchStrategy]] = {
+    "str": (str, st.text()),
+    "int": (int, st.integers()),
+    "float": (float, st.floats()),  # NaN, the infinities and -0.0 included
+    "bool": (bool, st.booleans()),
+    "optional_str": (Optional[str], st.none() | st.text()),
+    "int_or_none": (int | None, st.none() | st.integers()),
+    "float_or_none": (float | None, st.none() | st.floats()),
+    "bool_or_none": (bool | None, st.none() | st.booleans()),
+    "decimal": (Decimal, DECIMALS),
+    "datetime": (datetime, INSTANTS),
+    "time": (time, st.times(timezones=st.none() | OFFSETS)),
+    "date": (date, st.dates()),
+    "uuid": (UUID, st.uuids()),
+    "set_of_str": (set[str], st.sets(TEXT, max_size=4)),
+    "list_of_int": (list[int], st.lists(st.integers(), max_size=4)),
+    "dict_of_int_keys": (dict[int, str], st.dictionaries(st.integers(), TEXT, max_size=3)),
+    "untyped": (Any, UNTYPED),
+    "int_or_str": (int | str, st.integers() | TEXT),
+    "constrained_int": (Annotated[int, Field(ge=0)], st.integers(min_value=0)),
+}
+PLAIN_TYPES = ["str", "int", "float", "bool", "optional_str", "int_or_none", "float_or_none", "bool_or_none"]
+
+
+@functools.cache
+def contract_of(kinds: tuple[str, ...]) -> type[Command]:
+    """A contract with one field of each kind named (`f0_str`, `f1_int`, ...)."""
+    fields = {f"f{i}_{kind}": (FIELD_TYPES[kind][0], ...) for i, kind in enumerate(kinds)}
+    return create_model(f"Fields{len(kinds)}", __base__=Command, __cls_kwargs__={"boundary": "hashing"}, **fields)
+
+
+@st.composite
+def commands_of(draw: Callable, kinds: st.SearchStrategy[list[str]]) -> Command:
+    chosen = tuple(draw(kinds))
+    contract = contract_of(chosen)
+    return contract(**{f"f{i}_{kind}": draw(FIELD_TYPES[kind][1]) for i, kind in enumerate(chosen)})
+
+
+def worker_hash(command: Command) -> str:
+    """The hash the worker computes of what it receives: the body through JSON, validated, no rebuild."""
+    return arrived(command).payload_hash(received=True)
+
+
+def rebuilt_hash(command: Command) -> str:
+    """The caller's slow path: the payload rebuilt into a model as the worker will, then hashed."""
+    return command._rebuilt_hash(command.payload())
+
+
+@PROPERTY
+@given(command=commands_of(st.lists(st.sampled_from(PLAIN_TYPES), min_size=1, max_size=6)))
+def test_a_plain_body_is_hashed_as_it_is_and_alike_the_rebuilt_one(command):
+    # Given a contract of plain fields (text, ints, floats with NaN and infinities, booleans, optionals)
+    # Then the caller hashes its JSON body as it is (no rebuild)...
+    assert _plain_fields(type(command)) is not None
+    payload, digest = command.payload_and_hash()
+    # ... to the digest of the slow path, which rebuilds it, and to the worker's
+    assert digest == command.payload_hash() == rebuilt_hash(command) == worker_hash(command)
+    assert payload == command.payload()
+
+
+@PROPERTY
+@given(command=commands_of(st.lists(st.sampled_from(sorted(FIELD_TYPES)), min_size=1, max_size=4)))
+def test_the_caller_hashes_every_contract_as_the_worker_does(command):
+    # Given a contract of any field types, plain or not (a non-plain field makes it take the slow path)
+    plain = all(name.split("_", 1)[1] in PLAIN_TYPES for name in type(command).model_fields)
+    assert (_plain_fields(type(command)) is not None) == plain
+    # Then the caller's hash is the slow path's and the worker's
+    assert command.payload_hash() == rebuilt_hash(command) == worker_hash(command)
+
+
+def test_plain_bodies_keep_the_digests_stored_before_the_fast_path():
+    # Given plain payloads hashed by the code before the fast path (its rebuild of the body)
+    first = Plain(note='é "q" ✓', count=-(2**70), ratio=0.1, flag=True)
+    second = Plain(note="", count=0, ratio=float("-inf"), flag=False, maybe=7)
+    # Then their digests (and so their task ids) are the ones that code stored
+    assert first.payload_hash() == "c2183d2be642f1934e44a42111bb33fecd35731a85176765da8b26a36191d90d"
+    assert second.payload_hash() == "84294d4a8369db7fe86453ec2c7d591b98aab5c4818aec51c9d6368a21ca8d6b"
+
+
+class Shouted(Command, boundary="hashing"):
+    """A validator that changes the value again each time it validates it (the worker validates once more)."""
+
+    note: str
+
+    @field_validator("note")
+    @classmethod
+    def shout(cls, value: str) -> str:
+        return value + "!"
+
+
+class Trimmed(Command, boundary="hashing"):
+    note: Annotated[str, StringConstraints(strip_whitespace=True, max_length=20)]
+
+
+class Lowered(Command, boundary="hashing"):
+    model_config = ConfigDict(str_to_lower=True)
+    note: str
+
+
+class Aliased(Command, boundary="hashing"):
+    model_config = ConfigDict(populate_by_name=True)
+    note: str = Field(alias="text")
+
+
+class Counted(Command, boundary="hashing"):
+    note: str
+
+    @field_serializer("note")
+    def count(self, value: str) -> str:
+        return f"{value}#{len(value)}"
+
+
+class Doubled(Command, boundary="hashing"):
+    count: int
+
+    @model_validator(mode="before")
+    @classmethod
+    def double(cls, data: Any) -> Any:
+        return {**data, "count": data["count"] * 2} if isinstance(data, dict) else data
+
+
+class Respelled(Plain, boundary="hashing"):
+    def payload(self) -> dict[str, Any]:
+        return {**super().payload(), "note": self.note.upper()}
+
+
+@pytest.mark.parametrize("command", [
+    Shouted(note="hi"), Trimmed(note="  hi  "), Lowered(note="Hi"), Aliased(text="hi"), Counted(note="hi"),
+    Doubled(count=2), Respelled(note="hi", count=1, ratio=1.0, flag=True),
+], ids=lambda c: type(c).__name__)
+def test_a_contract_that_may_change_its_body_on_the_way_is_rebuilt_first(command):
+    # Given a contract of plain types whose validators, constraints, settings, aliases, serializers or
+    # overrides may give the worker other values than the JSON body (or no model at all)
+    # Then the caller does not take the body as it is
+    assert _plain_fields(type(command)) is None
+    # and hashes what the worker rebuilds (where the worker can rebuild it at all)
+    try:
+        worker = worker_hash(command)
+    except Exception:  # noqa: BLE001 - the alias: the body (by field name) does not validate
+        with pytest.raises(TypeError, match="does not validate from its own JSON body"):
+            command.payload_hash()
+        return
+    assert command.payload_hash() == worker
+
+
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings:UserWarning")
+def test_a_plain_contract_built_without_validation_is_rebuilt_as_the_worker_would():
+    # Given a plain contract built by model_construct with values of other types than its fields'
+    constructed = Plain.model_construct(note="n", count="3", ratio=2, flag=1)
+    # Then the body is not taken as it is: the caller's hash is that of the body the worker validates
+    assert constructed.payload_hash() == worker_hash(constructed) == Plain(note="n", count=3, ratio=2.0,
+                                                                            flag=True).payload_hash()

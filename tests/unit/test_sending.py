@@ -6,11 +6,16 @@ was published, so "publishes nothing" is observed, not assumed.
 """
 from __future__ import annotations
 
+import string
+import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 from celery import Celery
+from celery.utils.saferepr import saferepr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kombu import Exchange
 from pydantic import ValidationError
 
@@ -64,11 +69,18 @@ def test_same_key_and_payload_give_the_same_task_id():
 
 
 def test_task_id_is_uuid5_of_task_key_and_payload_hash():
-    import uuid
     _, task_id = prepare(PlaceOrder, FIELDS, "checkout-77")
     digest = PlaceOrder(**FIELDS).payload_hash()
     assert task_id == task_id_for("orders.place_order", "checkout-77", digest)
     assert task_id == str(uuid.uuid5(TASK_ID_NAMESPACE, f"orders.place_order:checkout-77:{digest}"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(task=st.text(), key=st.text(), digest=st.text(string.hexdigits, max_size=64))
+def test_the_task_id_is_uuid5_of_its_name_for_every_task_key_and_hash(task, key, digest):
+    # Given any task name, key and hash (keys are the caller's: any text, any length)
+    # Then the task id is the uuid5 the bus has always derived (ids stored before stay the same)
+    assert task_id_for(task, key, digest) == str(uuid.uuid5(TASK_ID_NAMESPACE, f"{task}:{key}:{digest}"))
 
 
 def test_another_payload_or_key_gives_another_task_id():
@@ -120,6 +132,25 @@ def test_delay_twice_and_bus_send_share_one_task_id(bus: Bus):
     sent = bus.send(PlaceOrder(**FIELDS), idempotency_key="k")
     assert first.id == second.id == sent.id
     assert [m["headers"]["id"] for m in drain(bus)] == [first.id] * 3
+
+
+@pytest.mark.parametrize("send", ["delay", "bus.send"])
+def test_a_sent_command_shows_its_body_as_celery_would(bus: Bus, send: str):
+    # Given a command sent by .delay() or bus.send (Celery's saferepr of the body is not called: it was slow)
+    {"delay": lambda: bus.place_order.delay(**FIELDS, idempotency_key="k"),
+     "bus.send": lambda: bus.send(PlaceOrder(**FIELDS), idempotency_key="k")}[send]()
+    # Then the message shows its kwargs as Celery's saferepr writes them (Flower, worker logs)
+    [message] = drain(bus)
+    assert message["headers"]["argsrepr"] == "()"
+    assert message["headers"]["kwargsrepr"] == saferepr(message["body"][1], 1024)
+
+
+def test_a_callers_own_kwargsrepr_is_kept(bus: Bus):
+    # Given a caller that hides its fields from Flower and the logs (Celery's option for secrets)
+    bus.place_order.apply_async(kwargs=FIELDS, idempotency_key="k", kwargsrepr="{hidden}")
+    # Then its text is shown, not the body
+    [message] = drain(bus)
+    assert message["headers"]["kwargsrepr"] == "{hidden}"
 
 
 def test_positional_arguments_are_refused_with_a_hint(bus: Bus):

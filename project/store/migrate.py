@@ -52,9 +52,14 @@ def applications_from(configured: Sequence[Path], config_module: str, cwd: Path)
 
 
 def current_applications() -> list[Path]:
-    """The applications' Alembic folders of this process's settings."""
-    from project.settings import config_module, current
-    return applications_from(current().migrations, config_module(), Path.cwd())
+    """The applications' Alembic folders of the environment as it is now.
+
+    Read afresh, not through `current()`: a process that migrates a database before it sets
+    up its environment (the test scenarios, the fault bench) would otherwise keep the
+    settings of before for good, e.g. classic queues on a quorum broker.
+    """
+    from project.settings import config_module, load
+    return applications_from(load().migrations, config_module(), Path.cwd())
 
 
 def alembic_config(database_url: str, applications: Sequence[Path]) -> Config:

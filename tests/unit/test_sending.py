@@ -44,6 +44,7 @@ def bus(tmp_path: Path) -> Iterator[Bus]:
     bus.settings = Settings(home=tmp_path, broker_url="memory://", database_url=f"sqlite:///{tmp_path}/bus.db",
                             result_backend="", embedded=False)
     bus.place_order = bus.command(PlaceOrder)(place_order)
+    drain(bus)  # kombu's memory:// broker is one per process: what another test left there is not ours
     yield bus
     drain(bus)
     app.close()

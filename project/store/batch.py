@@ -46,8 +46,8 @@ class Batch:
         self._token: Any = None
 
     def __enter__(self) -> "Batch":
-        self.session = Session(self.engine, expire_on_commit=False)
-        self.session.begin()
+        self._transaction = UnitOfWork(self.engine).__enter__()  # BEGIN, as a delivery's own would
+        self.session = self._transaction.session
         self._token = _current.set(self)
         return self
 
@@ -66,17 +66,13 @@ class Batch:
         self.hooks.append((self.tag, hook))
 
     def commit(self) -> None:
-        assert self.session is not None
-        self.session.commit()
+        self._transaction.commit()
 
     def __exit__(self, *exc_info: Any) -> None:
         _current.reset(self._token)
-        assert self.session is not None
         try:
-            if self.session.in_transaction():
-                self.session.rollback()
+            self._transaction.__exit__(*exc_info)  # rolls back what was not committed, closes the session
         finally:
-            self.session.close()
             self.session = None
 
 

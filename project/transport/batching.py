@@ -153,7 +153,7 @@ def check_result_backend(app: Any, cap: int) -> None:
     """Batches hold result writes back until their commit: only the Redis backend's are held back."""
     backend = app.backend
     if not (callable(getattr(backend, "_set", None)) and hasattr(backend, "client")):
-        raise ConfigurationError(f"BUS_BATCH_MAX={cap} needs a Redis result backend (BUS_RESULT_BACKEND=redis://...); "
+        raise ConfigurationError(f"BUS_BATCH_MAX={cap} needs a Redis result backend (CELERY_RESULT_BACKEND=redis://...); "
                                  f"{type(backend).__name__} is not batched: set BUS_BATCH_MAX=0")
 
 

@@ -37,6 +37,21 @@ as AMQP's basic.deliver has: it lets the worker tell which queue a message came 
 Every other exchange keeps kombu's behaviour, e.g. Celery's ``*.pidbox`` broadcast
 and ``celeryev`` stay PUB/SUB.
 
+Batched fetch and acks (:mod:`project.transport.redis_fetch`): after BRPOP returned an
+item, the channel takes up to ``fetch_max - 1`` more from the same list (the transport
+option ``fetch_max``, BUS_FETCH_MAX, default 16; 1 turns it off), within the consumer's
+prefetch window, with one script that also records them as unacked: kombu's per-message
+MULTI is skipped for them. They are delivered in list order, each through the path a
+BRPOP item takes (a foreign item among them too). A delivery that raises gives the items
+not delivered yet back to the head of their list, in order. On a transport registered
+with an event loop (Celery's worker), acks are sent once per loop tick, all in one MULTI;
+elsewhere at once. A crash of the main process loses, as with kombu, an item BRPOP took
+and the process had not recorded yet; items the script took are recorded in the same
+step, none is lost; an ack kept and not yet sent leaves its message unacked, so it comes
+back after the visibility timeout and the bus's claims absorb it (idempotency key,
+inbox). Fetching by list drains up to ``fetch_max`` items of one queue at a time (kombu's
+round robin between queues goes on per BRPOP).
+
 kombu keeps exchange declarations per connection, in memory. An ``events.*`` exchange
 that the publishing connection has not declared is therefore declared on first publish
 as a durable fanout (the bus's naming rule, as in ``project.messaging.topology``); kombu would
@@ -58,6 +73,7 @@ from __future__ import annotations
 import base64
 import logging
 from contextlib import contextmanager
+from time import time
 from typing import Any, Iterator, Mapping
 from uuid import uuid4
 
@@ -66,6 +82,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from kombu.utils.objects import cached_property
+
+from project.transport import redis_fetch
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +136,17 @@ def is_durable_fanout(exchange: str, declaration: Mapping[str, Any] | None) -> b
 
 
 class Channel(kombu_redis.Channel):
-    """Redis channel with durable fan-out for the exchanges of :func:`is_durable_fanout`."""
+    """Redis channel with durable fan-out for the exchanges of :func:`is_durable_fanout`, batched fetch and acks."""
+
+    QoS = redis_fetch.QoS
+    #: items taken per round trip after a BRPOP (transport option, BUS_FETCH_MAX)
+    fetch_max = redis_fetch.FETCH_MAX
+    from_transport_options = kombu_redis.Channel.from_transport_options + redis_fetch.TRANSPORT_OPTIONS
+
+    def __init__(self, *args, **kwargs):
+        #: queues consumed without acks: what is fetched for them is not recorded as unacked
+        self._no_ack_queues: set[str] = set()
+        super().__init__(*args, **kwargs)
 
     def _is_durable_fanout(self, exchange: str) -> bool:
         return is_durable_fanout(exchange, self.state.exchanges.get(exchange))
@@ -199,7 +227,7 @@ class Channel(kombu_redis.Channel):
 
     def _brpop_read(self, **options):
         # kombu's own, but for the item's parsing (see _parse): a foreign item must not
-        # raise in the worker's event loop.
+        # raise in the worker's event loop; and the items fetched after it (_fetch_more).
         try:
             try:
                 dest__item = self.client.parse_response(self.client.connection, 'BRPOP', **options)
@@ -208,14 +236,54 @@ class Channel(kombu_redis.Channel):
                 raise
             if not dest__item:
                 raise kombu_redis.Empty()
-            dest, item = dest__item
-            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            key, item = dest__item
+            key = bytes_to_str(key)
+            dest = key.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
             self.connection._deliver(_parse(item, dest), dest)
+            self._fetch_more(key, dest)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    @cached_property
+    def _fetch(self):
+        return self._create_client().register_script(redis_fetch.FETCH_MORE)
+
+    def _fetch_more(self, key: str, queue: str) -> None:
+        """Take and deliver up to ``fetch_max - 1`` more items of list `key`, recorded as unacked in one script."""
+        n = 0 if self._closing else redis_fetch.more_to_fetch(self.qos, self.fetch_max)
+        if not n:
+            return
+        record = self.ack_emulation and queue not in self._no_ack_queues
+        prefix = self.global_keyprefix
+        with self.conn_or_acquire() as client:
+            reply = self._fetch(keys=[key, prefix + self.unacked_index_key, prefix + self.unacked_key],
+                                args=[n, int(record), time()], client=client)
+        taken = [(item, tag and bytes_to_str(tag)) for item, tag in zip(reply[::2], reply[1::2])]
+        delivered = 0
+        try:
+            for item, tag in taken:
+                if tag:
+                    self.qos.recorded.add(tag)  # its append (in _deliver) writes nothing
+                self.connection._deliver(_parse(item, queue, tag), queue)
+                delivered += 1
+        except BaseException:
+            self._give_back(key, taken[delivered:])
+            raise
+        finally:
+            if record:
+                self.qos.recorded.clear()
+
+    def _give_back(self, key: str, items: list[tuple[bytes, str | None]]) -> None:
+        """Put `items` (taken, not delivered) back at the head of list `key`, in order, without their records."""
+        tags = [tag for _, tag in items if tag]
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            if tags:
+                pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags)
+            pipe.rpush(key, *[item for item, _ in reversed(items)]).execute()
 
     def _get(self, queue):
         with self.conn_or_acquire() as client:
@@ -228,10 +296,17 @@ class Channel(kombu_redis.Channel):
             raise kombu_redis.Empty()
 
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        (self._no_ack_queues.add if no_ack else self._no_ack_queues.discard)(queue)
+
         def deliver(message):
             message.delivery_info.setdefault('consumer_tag', consumer_tag)
             return callback(message)
         return super().basic_consume(queue, no_ack, deliver, consumer_tag, **kwargs)
+
+    def close(self):
+        if isinstance(self._qos, redis_fetch.QoS):  # (not without ack emulation)
+            self._qos.send_acks_or_log()  # while the channel's pools are still there
+        super().close()
 
 
 def _warn_if_unbound(exchange: str, copies: int) -> None:
@@ -239,8 +314,13 @@ def _warn_if_unbound(exchange: str, copies: int) -> None:
         logger.warning('no queue bound to %s: message dropped', exchange)
 
 
-def _parse(item: bytes, queue: str) -> dict[str, Any]:
-    """kombu's message dict of a list item; a foreign item becomes a NOT_A_MESSAGE message."""
+def _parse(item: bytes, queue: str, tag: str | None = None) -> dict[str, Any]:
+    """kombu's message dict of a list item; a foreign item becomes a NOT_A_MESSAGE message.
+
+    `tag`: the delivery tag the fetch script recorded the item under, kept for a foreign
+    item (the script's JSON reading accepts some that Python's refuses, e.g. a hexadecimal
+    number), so that its ack removes that record.
+    """
     try:
         payload = loads(bytes_to_str(item))
         if isinstance(payload, dict) and 'delivery_tag' in (payload.get('properties') or {}):
@@ -250,22 +330,34 @@ def _parse(item: bytes, queue: str) -> dict[str, Any]:
     raw = item if isinstance(item, bytes) else str(item).encode()
     return {'body': base64.b64encode(raw).decode('ascii'), 'content-encoding': 'binary',
             'content-type': NOT_A_MESSAGE, 'headers': {},
-            'properties': {'body_encoding': 'base64', 'delivery_tag': str(uuid4()), 'priority': 0,
+            'properties': {'body_encoding': 'base64', 'delivery_tag': tag or str(uuid4()), 'priority': 0,
                            'delivery_mode': 2,
                            'delivery_info': {'exchange': '', 'routing_key': queue, QUEUE_KEY: queue}}}
 
 
 class Transport(kombu_redis.Transport):
-    """kombu's Redis transport with :class:`Channel`."""
+    """kombu's Redis transport with :class:`Channel`; it keeps the event loop it is registered with for acks."""
 
     Channel = Channel
+    #: the loop acks are sent on once per tick (:class:`project.transport.redis_fetch.QoS`); None: at once
+    ack_loop = None
+
+    def __init__(self, client, **kwargs):
+        redis_fetch.check_fetch_max(client.transport_options.get('fetch_max', redis_fetch.FETCH_MAX))
+        super().__init__(client, **kwargs)
+
+    def register_with_event_loop(self, connection, loop):
+        super().register_with_event_loop(connection, loop)
+        self.ack_loop = loop
 
 
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     """:class:`Channel` on a master found through Redis Sentinel (kombu's ``sentinel://``)."""
 
+    from_transport_options = kombu_redis.SentinelChannel.from_transport_options + redis_fetch.TRANSPORT_OPTIONS
 
-class SentinelTransport(kombu_redis.SentinelTransport):
+
+class SentinelTransport(Transport, kombu_redis.SentinelTransport):
     """kombu's Redis Sentinel transport with :class:`SentinelChannel`."""
 
     Channel = SentinelChannel

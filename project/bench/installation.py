@@ -139,6 +139,9 @@ class Installation:
 class Worker:
     """A bench worker and its probe (project/bench/probe.py), asked over remote control."""
 
+    #: its CPU breakdown measures the run's database (project/bench/cpu.py)
+    uses_database = True
+
     def __init__(self, process: Any, control: Any) -> None:
         self.process = process
         self.control = control

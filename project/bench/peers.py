@@ -41,6 +41,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from project.bench import cpu
 from project.bench import peer_probe as bench_peer_probe
 from project.bench.common import BenchError, Options, fmt, load_average, median, ratio
 from project.bench.installation import Sender
@@ -87,6 +88,9 @@ def publisher_confirms(options: Options) -> bool:
 # ---- one peer worker ---------------------------------------------------------------------
 class PeerWorker:
     """A peer's worker (its CLI's process group, stopped by PID) and its counters."""
+
+    #: the peers use no database: its CPU breakdown says "none" there (project/bench/cpu.py)
+    uses_database = False
 
     def __init__(self, process: WorkerProcess, counts: Path) -> None:
         self.process = process
@@ -245,7 +249,8 @@ def summarize(options: Options, raw: dict[str, Any], summary: dict[str, Any]) ->
         entry: dict[str, Any] = {
             "commands": {"per_s": per_s, "send_per_s": median(runs["commands"], "send_per_s"),
                          "bus_ratio": ratio(summary["commands"]["bus"], per_s),
-                         "bare_ratio": ratio(summary["commands"]["bare"], per_s)},
+                         "bare_ratio": ratio(summary["commands"]["bare"], per_s),
+                         "cpu": cpu.median([r["cpu"] for r in runs["commands"]])},
             "fanout": {}, "version": importlib.metadata.version(peer), "settings": settings(peer, options),
             "load_before": runs["load_before"], "load_after": runs["load_after"],
             "created_and_removed": runs["created"]}
@@ -260,7 +265,8 @@ def summarize(options: Options, raw: dict[str, Any], summary: dict[str, Any]) ->
                 "per_s": peer_per_s, "events": fan[0]["events"] if fan else 0,
                 "delivered": min(r["done"] / r["expected"] for r in fan) if fan else math.nan,
                 "bus_ratio": ratio(bus.get("bus", math.nan), peer_per_s),
-                "bare_ratio": ratio(bus.get("bare", math.nan), peer_per_s)}
+                "bare_ratio": ratio(bus.get("bare", math.nan), peer_per_s),
+                "cpu": cpu.median([r["cpu"] for r in fan])}
         found[peer] = entry
     return found
 

@@ -3,6 +3,9 @@
 Throughput is timed from the first send to the last completion, as the worker saw it
 (project/bench/probe.py); bare and bus phases alternate within each repeat.
 project/bench/peers.py drives dramatiq and FastStream through the same `drain`.
+Every `drain` also reads the CPU its processes spent, from just before the first
+send until the last completion was seen (project/bench/cpu.py): the worker's main
+process and pool, the broker and database servers, the sender.
 """
 from __future__ import annotations
 
@@ -13,10 +16,13 @@ from typing import Any
 
 from rich.progress import Progress
 
+from project.bench import cpu
 from project.bench.common import Options
 from project.bench.installation import Installation, Sender, Worker
 
 SUBSCRIBER_QUEUE = "bench_sub.sub_{:03d}"
+#: the database column of a side that uses none (the peers)
+NO_DATABASE = cpu.Fixed("none", "this side uses no database")
 
 
 class Bench:
@@ -27,19 +33,36 @@ class Bench:
         self.inst = installation
         self.progress = progress
         self.seq = 0
+        self.servers = self._servers()
+
+    def _servers(self) -> dict[str, cpu.Source]:
+        """The broker and database columns of every CPU breakdown of this run: their servers' processes."""
+        settings = self.inst.settings
+        database = (cpu.server(cpu.address(settings.database_url), "PostgreSQL") if self.options.db == "postgresql"
+                    else cpu.Fixed("in pool", "SQLite runs inside the pool processes"))
+        return {"broker": cpu.server(cpu.address(settings.broker_url), "the broker"), "database": database}
+
+    def cpu_sources(self, worker: Any, sender: Sender) -> dict[str, cpu.Source]:
+        """The columns of the CPU breakdown of a phase of `worker` (a Celery or peer worker) fed by `sender`."""
+        return {**cpu.worker(worker.process.pid), "broker": self.servers["broker"],
+                "database": self.servers["database"] if worker.uses_database else NO_DATABASE,
+                "sender": cpu.Tree(frozenset({sender.process.pid}), how="the sending process")}
 
     def drain(self, label: str, worker: Worker, sender: Sender, slot: int, expected: int,
               request: dict[str, Any], stall: float | None = None) -> dict[str, Any]:
         """Send (one request to `sender`), wait until `worker` completed `expected` more in `slot`."""
         base = worker.probe()["slots"][slot]
         task = self.progress.add_task(label, total=expected)
+        sources = self.cpu_sources(worker, sender)
+        cpu_start = cpu.snapshot(sources)
         sender.request(**request)
         sent = None
-        done, last_change, count = 0.0, time.monotonic(), 0.0
+        done, last_change, count, polls = 0.0, time.monotonic(), 0.0, 0
         while True:
             if sent is None and sender.done():
                 sent = sender.result()
             reply = worker.probe()
+            polls += 1
             count, last_done, failed = (reply["slots"][slot][i] - (base[i] if i != 1 else 0) for i in range(3))
             if count != done:
                 done, last_change = count, time.monotonic()
@@ -49,11 +72,13 @@ class Bench:
             if time.monotonic() - last_change > (stall or self.options.stall) and sent is not None:
                 break
             time.sleep(0.1)
+        cpu_end = cpu.snapshot(sources)
         self.progress.remove_task(task)
         elapsed = last_done - sent["first"] if count else math.nan
         return {"sent": sent["sent"], "expected": expected, "done": int(count), "failed": int(failed),
                 "elapsed_s": elapsed, "per_s": count / elapsed if count and elapsed > 0 else 0.0,
-                "send_per_s": sent["sent"] / max(sent["last"] - sent["first"], 1e-9)}
+                "send_per_s": sent["sent"] / max(sent["last"] - sent["first"], 1e-9),
+                "cpu": cpu.breakdown(sources, cpu_start, cpu_end, int(count), polls=polls)}
 
     def next_seq(self, n: int) -> int:
         start, self.seq = self.seq, self.seq + n

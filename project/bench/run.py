@@ -52,6 +52,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from project.bench import cpu
 from project.bench import peers as bench_peers
 from project.bench.common import (
     BROKERS,
@@ -84,6 +85,7 @@ def summarize(options: Options, raw: dict[str, Any]) -> dict[str, Any]:
     commands = {"bare": median(c["bare"], "per_s"), "bus": median(c["bus"], "per_s"),
                 "bare_send": median(c["bare"], "send_per_s"), "bus_send": median(c["bus"], "send_per_s")}
     commands["ratio"] = ratio(commands["bus"], commands["bare"])
+    commands["cpu"] = {side: cpu.median([r["cpu"] for r in c[side]]) for side in ("bare", "bus")}
     latency: dict[str, Any] = {"rate": options.rate, "n": options.latency_n}
     for side in ("bare", "bus"):
         latency[side] = {p: median(c[f"{side}_latency"], p) for p in ("p50", "p90", "p99", "max", "mean")}
@@ -96,6 +98,7 @@ def summarize(options: Options, raw: dict[str, Any]) -> dict[str, Any]:
                  "bare_delivered": min(r["done"] / r["expected"] for r in runs["bare"]) if runs["bare"] else math.nan,
                  "bus_delivered": min(r["done"] / r["expected"] for r in runs["bus"]) if runs["bus"] else math.nan}
         entry["ratio"] = ratio(entry["bus"], entry["bare"])
+        entry["cpu"] = {side: cpu.median([r["cpu"] for r in runs[side]]) for side in ("bare", "bus")}
         fanout[str(k)] = entry
         relay[str(k)] = {"per_s": median(runs["relay"], "per_s"), "write_per_s":
                          options.n / median(runs["relay"], "write_s") if runs["relay"] else math.nan}
@@ -163,6 +166,32 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     if s.get("peers"):
         bench_peers.render(report, console)
+    render_cpu(report, console)
+
+
+def render_cpu(report: dict[str, Any], console: Console) -> None:
+    """The CPU breakdowns (project/bench/cpu.py): no-op commands, then each fan-out, every side measured."""
+    s, meta = report["summary"], report["run"]
+    peers = s.get("peers", {})
+
+    def peer_rows(pick: Any) -> list[tuple[str, Any]]:
+        return [(bench_peers.TITLES[peer], pick(entry)) for peer, entry in peers.items()]
+
+    def fastest(pick: Any) -> tuple[str, str] | None:
+        """The peer that completed the most messages a second (the issue's best peer): the reference row."""
+        rates = [(rate, bench_peers.TITLES[peer]) for peer, entry in peers.items()
+                 if isinstance(rate := pick(entry), (int, float)) and rate > 0]
+        return (max(rates)[1], "the fastest peer of this run") if rates else None
+    where = f"{meta['broker']} + {meta['db']}"
+    cpu.render([("bare Celery", s["commands"]["cpu"]["bare"]), ("bus", s["commands"]["cpu"]["bus"]),
+                *peer_rows(lambda entry: entry["commands"].get("cpu"))], console,
+               f"CPU per message, no-op commands ({where}): µs of CPU a completed message, by process",
+               fastest(lambda entry: entry["commands"]["per_s"]))
+    for k, f in s["fanout"].items():
+        cpu.render([("bare Celery", f["cpu"]["bare"]), ("bus", f["cpu"]["bus"]),
+                    *peer_rows(lambda entry: entry["fanout"].get(k, {}).get("cpu"))], console,
+                   f"CPU per delivery, fan-out K={k} ({where}): µs of CPU a delivered copy, by process",
+                   fastest(lambda entry: entry["fanout"].get(k, {}).get("per_s")))
 
 
 def run(options: Options, console: Console) -> dict[str, Any]:
@@ -176,11 +205,13 @@ def run(options: Options, console: Console) -> dict[str, Any]:
     started = time.time()
     inst = Installation(options, home)
     raw: dict[str, Any] = {"fanout": {}}
+    servers: dict[str, cpu.Source] = {}
     try:
         inst.open()
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:
             bench = Bench(options, inst, progress)
+            servers = bench.servers
             raw["commands"] = bench.commands() if {"commands", "latency"} & set(options.phases) else {}
             for k in options.subscribers if {"fanout", "relay"} & set(options.phases) else []:
                 raw["fanout"][k] = bench.fanouts(k)
@@ -202,7 +233,8 @@ def run(options: Options, console: Console) -> dict[str, Any]:
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                 "duration_s": round(time.time() - started, 1), "created_and_removed": inst.created,
                 "versions": {"python": platform.python_version(), "celery": celery.__version__,
-                             "kombu": kombu.__version__, **inst.versions}},
+                             "kombu": kombu.__version__, **inst.versions},
+                "cpu": cpu.legend(servers)},
         "summary": summarize(options, raw),
         "raw": raw,
     }

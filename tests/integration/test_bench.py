@@ -46,6 +46,11 @@ def test_a_short_bench_run_reports_every_figure(broker, tmp_path):
     # Then commands, .delay() rates and their ratio are there, for both sides
     commands = summary["commands"]
     assert all(positive(commands[key]) for key in ("bare", "bus", "bare_send", "bus_send", "ratio")), commands
+    # And the CPU a command costs, per process, on both sides: every column found (SQLite's in the pool)
+    for side in ("bare", "bus"):
+        breakdown = commands["cpu"][side]
+        assert breakdown["unknown"] == [] and positive(breakdown["total_us"]), breakdown
+        assert breakdown["columns"]["database"]["label"] == "in pool", breakdown
     # And latency percentiles of both sides, and what the bus adds
     for side in ("bare", "bus"):
         assert all(positive(summary["latency"][side][p]) for p in ("p50", "p90", "p99", "max")), summary["latency"]
@@ -112,6 +117,9 @@ def test_the_peers_are_measured_beside_bare_celery_and_the_bus(broker, tmp_path)
     # And the table has a row for each library
     for row in ("bare Celery", "bus", "dramatiq", "FastStream"):
         assert f"│ {row} " in done.stdout, done.stdout
+    # And FastStream's CPU a message is broken down beside the bus's
+    assert positive(peers["faststream"]["commands"]["cpu"]["total_us"]), peers["faststream"]["commands"]
+    assert "CPU per message, no-op commands" in done.stdout, done.stdout
     # And each peer ran in a namespace of its own, removed afterwards
     created = [n for peer in peers.values() for n in peer["created_and_removed"]]
     assert len(created) == 3, created  # dramatiq: commands; FastStream: commands, fan-out K=2

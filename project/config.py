@@ -14,9 +14,11 @@ environment and documents the variables. Helpers are imported under private name
 that `import *` passes on the settings only.
 """
 from project import settings as _settings
+from project.messaging import timers as _timers
 from project.store import results as _results
 from project.store import retention as _retention
 from project.transport import quorum as _quorum
+from project.transport import redis_fetch as _redis_fetch
 
 _bus = _settings.current()
 
@@ -70,7 +72,17 @@ broker_transport_options = {
     "visibility_timeout": _settings.env_int("BUS_VISIBILITY_TIMEOUT", 300, minimum=1),
     "unacked_restore_interval": _settings.env_int("BUS_UNACKED_RESTORE_INTERVAL", 5, minimum=1),
     "unacked_restore_throttle": 1,  # scan on every sweep (one ZRANGE per interval and worker)
+    # Redis: up to this many messages per fetch, recorded as unacked in one script (project/transport/redis_fetch.py)
+    "fetch_max": _settings.env_int("BUS_FETCH_MAX", _redis_fetch.FETCH_MAX, minimum=1),
 }
+# Durable timers (project/messaging/timers.py): a command sent with a delay (countdown, eta)
+# longer than BUS_TIMER_THRESHOLD seconds waits in the outbox, not unacknowledged in a worker,
+# and is handed to the broker at most that long before it is due; shorter delays are
+# Celery's ETA. It must stay below the visibility timeout, or a held delay would run twice:
+# unset, it is 60 s or half the visibility timeout, whichever is less.
+bus_timer_threshold = _settings.env_int(
+    "BUS_TIMER_THRESHOLD", _timers.default_threshold(broker_transport_options["visibility_timeout"]), minimum=0)
+_timers.check_threshold(bus_timer_threshold, broker_transport_options["visibility_timeout"])
 if _bus.sentinel_master:
     # sentinel:// (project/settings.py): kombu's transport and Celery's Sentinel result backend
     # ask the sentinels for the master of this name, again after a failover.

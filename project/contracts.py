@@ -279,16 +279,19 @@ class EventSink(Protocol):
     """What a handler publishes facts through (the `events` dependency).
 
     Events are written to the outbox in the handler's transaction and published after
-    commit; an event owned by another boundary is refused.
+    commit (`delay`: a timedelta or seconds later, a durable timer); an event owned by
+    another boundary is refused.
     """
 
-    def publish(self, event: Event) -> None: ...
+    def publish(self, event: Event, *, delay: timedelta | float | None = None) -> None: ...
 
 
 class CommandSender(Protocol):
-    """What a handler sends commands through (the `commands` dependency), also via the outbox."""
+    """What a handler sends commands through (the `commands` dependency), also via the outbox
+    (`delay`: a timedelta or seconds later, a durable timer)."""
 
-    def send(self, command: Command, *, idempotency_key: str | None = None) -> None: ...
+    def send(self, command: Command, *, idempotency_key: str | None = None,
+             delay: timedelta | float | None = None) -> None: ...
 
 
 @dataclass(frozen=True)

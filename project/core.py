@@ -3,6 +3,7 @@
     place_order = bus.command(PlaceOrder)(orders.place_order)   # a real Celery task
     bus.provide("orders", lambda uow: SqlOrderRepository(uow.session))
     bus.send(PlaceOrder(...), idempotency_key="checkout-77")    # from any service
+    fulfilment = bus.process_manager("fulfilment", boundary="fulfilment", state=..., correlation="order_id")
 
 Handlers are plain functions; their keyword-only parameters are filled, per
 execution, by the providers registered under the same names.
@@ -22,7 +23,7 @@ from sqlalchemy.engine import Engine
 
 from project.contracts import Command, Event
 from project.errors import NotACommand
-from project.messaging import outbox
+from project.messaging import outbox, timers
 from project.messaging.commands import CommandTask, run_command
 from project.messaging.execution import Execution
 from project.messaging.outbox import Publisher
@@ -38,6 +39,7 @@ from project.messaging.topology import (
     subscriber_queue,
 )
 from project.messaging.wiring import Wiring
+from project.process.declaration import Correlation, ProcessManager, ProcessManagers
 from project.settings import Settings, load
 from project.store import retention
 from project.store.engine import engine_for
@@ -56,6 +58,8 @@ class Bus:
         self.topology = Topology(self.registry)
         self.command_policy = command_policy or default_command_policy()
         self.providers = Providers()
+        #: the process managers declared on this bus, by name (project/process/)
+        self.process_managers = ProcessManagers()
         #: what publishing, replaying, the survey and the worker use of this bus
         self.wiring = Wiring(app, self.topology, self.engine, self.ensure_broker)
         #: where committed outbox rows go: the broker (the test harness puts its own here)
@@ -103,6 +107,18 @@ class Bus:
             return self._task(binding, subscriber_queue(binding), SubscriberTask, run_subscriber)
         return bind
 
+    def process_manager(self, name: str, *, boundary: str, state: type, correlation: Correlation,
+                        retry: Backoff | None = None, on_missing: str = "ignore") -> ProcessManager:
+        """Declare the process manager `name` of `boundary`; bind its steps on what it returns.
+
+        Each `.starts(Event, handler)` / `.handles(Event, handler)` is a subscriber
+        `<boundary>.<name>.<event>`, `.on_timeout(name, handler)` the command
+        `<boundary>.<name>.timeout` (project/process/declaration.py).
+        """
+        return self.process_managers.add(ProcessManager(
+            name, boundary=boundary, state=state, correlation=correlation, retry=retry, on_missing=on_missing,
+            subscribe=self.subscriber, command=self.command))
+
     def _task(self, binding: Any, queue: Any, base: type, body: Callable[..., Any]) -> Any:
         """Register `binding`'s queue (as the topology defines it) and its Celery task."""
         self.app.amqp.queues[binding.name] = queue
@@ -119,16 +135,23 @@ class Bus:
 
     # ---- sending -----------------------------------------------------------------
     def send(self, command: Command, *, idempotency_key: str | None = None, **options: Any) -> AsyncResult:
-        """Send a command from anywhere; only its contract needs to be importable here."""
+        """Send a command from anywhere; only its contract needs to be importable here.
+
+        A delay (`countdown`, `eta`) longer than BUS_TIMER_THRESHOLD writes a durable timer
+        to the outbox instead (project/messaging/timers.py), under the same task id.
+        """
         if not isinstance(command, Command):
             raise NotACommand(_not_a_command_hint(command))
         name = command.task_name()
         check_route(name, options)
         options.pop("queue", None)  # its own queue (check_route refused any other)
         body, task_id = body_of(command, idempotency_key)
+        task_id = options.pop("task_id", task_id)
+        if timers.defer(self.app.conf, self.engine, name, body, task_id, options):
+            return self.app.AsyncResult(task_id, task_name=name)
         self.ensure_broker()
         # the topology's queue (not a bare name): its declaration must match the workers'
-        return self.app.send_task(name, kwargs=body, task_id=options.pop("task_id", task_id),
+        return self.app.send_task(name, kwargs=body, task_id=task_id,
                                   queue=named_command_queue(name), **{**shown(body), **options})
 
     def purge_keys(self, age: timedelta) -> int:

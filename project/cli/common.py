@@ -28,6 +28,13 @@ def loaded_bus():
     return bus
 
 
+def database_engine():
+    """The engine of the configured BUS_DATABASE_URL (no tasks modules imported: the store alone)."""
+    from project.settings import load
+    from project.store.engine import engine_for
+    return engine_for(load().database_url)
+
+
 def ago(delta: timedelta) -> str:
     """`delta` as an operator reads it, in its largest whole unit: 90s, 10m, 3h, 2d."""
     seconds = int(delta.total_seconds())

@@ -18,7 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from project.cli.common import console, errors, fail, loaded_bus
+from project.cli.common import console, database_engine, errors, fail, loaded_bus
 from project.durations import parse_duration
 
 dlq_cli = typer.Typer(help="Dead letters: messages the bus could not process, kept with the reason.",
@@ -30,12 +30,6 @@ PROGRESS_FROM = 10
 
 def _bus():
     return loaded_bus()
-
-
-def _engine():
-    from project.settings import load
-    from project.store.engine import engine_for
-    return engine_for(load().database_url)
 
 
 def _selection(queue: str | None, reason: str | None, older_than: str | None, replayed: bool | None = None):
@@ -61,7 +55,7 @@ def list_(queue: Optional[str] = typer.Option(None, "--queue", help="Only this q
           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List dead letters, oldest first."""
     from project.dead_letters.admin import as_dict, find
-    rows = find(_engine(), _selection(queue, reason, None, False if pending else None), limit)
+    rows = find(database_engine(), _selection(queue, reason, None, False if pending else None), limit)
     if as_json:
         typer.echo(json.dumps([as_dict(r) for r in rows], indent=2))
         return
@@ -82,7 +76,7 @@ def show(letter_id: int = typer.Argument(..., metavar="ID"),
     """Show one dead letter: reason, error, traceback, headers and body."""
     from project.dead_letters.admin import DeadLetterError, as_dict, get
     try:
-        [row] = get(_engine(), [letter_id])
+        [row] = get(database_engine(), [letter_id])
     except DeadLetterError as exc:
         fail(str(exc))
     view = as_dict(row, body=True)
@@ -119,7 +113,7 @@ def replay(ids: Optional[list[int]] = typer.Argument(None, metavar="[ID]...", he
         fail("--reason and --all go with --queue; with ids, exactly those entries are replayed")
     selection = None if ids else _selection(queue, reason, None, replayed=None if include_replayed else False)
     try:
-        rows = get(_engine(), ids) if ids else find(_engine(), selection)
+        rows = get(database_engine(), ids) if ids else find(database_engine(), selection)
         bus = _bus()
         if queue and queue not in {q.name for q in bus.topology.queues()}:
             raise DeadLetterError(f"--queue {queue!r} is not a queue of this bus; `bus topology` lists them")
@@ -152,7 +146,7 @@ def purge(queue: Optional[str] = typer.Option(None, "--queue", help="Only this q
         fail("--all purges every dead letter; leave it out to purge by --queue/--reason/--older-than/--replayed")
     if not everything and selection.empty:
         fail("say what to purge: --queue, --reason, --older-than, --replayed, or --all for every dead letter")
-    count = purge_rows(_engine(), selection)
+    count = purge_rows(database_engine(), selection)
     console.print(f"purged {count} dead letter(s)", highlight=False)
 
 

@@ -18,6 +18,8 @@ from project.cli.common import ago, console, duration, loaded_bus, redact
 from project.cli.dlq import dlq_cli
 from project.cli.observe import topology, trace
 from project.cli.owners import owners_cli
+from project.cli.process import process_cli
+from project.cli.timers import timers_cli
 from project.cli.up import up
 
 cli = typer.Typer(help="celery-bus: commands with one owner, events with many listeners.",
@@ -28,6 +30,8 @@ cli.add_typer(db_cli, name="db")
 cli.add_typer(embedded_cli, name="embedded")
 cli.add_typer(dlq_cli, name="dlq")
 cli.add_typer(owners_cli, name="owners")  # project/cli/owners.py
+cli.add_typer(timers_cli, name="timers")  # project/cli/timers.py
+cli.add_typer(process_cli, name="process")  # project/cli/process.py
 cli.command()(topology)  # project/cli/observe.py
 cli.command()(trace)
 

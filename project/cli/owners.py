@@ -12,22 +12,16 @@ import json
 import typer
 from rich.table import Table
 
-from project.cli.common import console, fail, loaded_bus
+from project.cli.common import console, database_engine, fail, loaded_bus
 
 owners_cli = typer.Typer(help="Owner leases: which handler owns each command queue, until when.",
                          invoke_without_command=True)
 
 
 
-def _engine():
-    from project.settings import load
-    from project.store.engine import engine_for
-    return engine_for(load().database_url)
-
-
 def _leases():
     from project.messaging.ownership import read_leases
-    return read_leases(_engine())
+    return read_leases(database_engine())
 
 
 @owners_cli.callback()
@@ -64,7 +58,7 @@ def release(queue: str = typer.Argument(..., help="The command queue, e.g. order
     known = set(loaded_bus().registry.commands) | set(held)
     if queue not in known:
         fail(f"{queue!r} is not a command queue of this bus nor leased; known: {', '.join(sorted(known)) or 'none'}")
-    if queue not in held or not release_lease(_engine(), lease_name(queue)):
+    if queue not in held or not release_lease(database_engine(), lease_name(queue)):
         fail(f"{queue} has no owner lease; nothing to release (`bus owners` lists them)", code=1)
     console.print(f"released the owner lease of {queue}: it was {describe(held[queue])}", highlight=False)
     if state(held[queue]) == "live":

@@ -3,7 +3,9 @@
 Caller side (`delay`, `apply_async`, signatures, `bus.send`, a handler's `commands.send`):
 the fields are validated against the contract, and the idempotency key against the
 length the store keeps, before anything is published (project/messaging/sending.py); the
-task id derives from the idempotency key, so duplicates share one AsyncResult.
+task id derives from the idempotency key, so duplicates share one AsyncResult. A delay
+(countdown, eta) longer than BUS_TIMER_THRESHOLD makes it a durable timer in the outbox
+instead of a message a worker would hold (project/messaging/timers.py), under that id.
 
 Worker side: project/messaging/execution.py (validate again for foreign senders, claim the key,
 run the handler and store its result in one transaction).
@@ -14,6 +16,7 @@ from typing import Any
 
 from project.contracts import IDEMPOTENCY_KEY, DomainError
 from project.errors import IdempotencyConflict, InvalidMessage
+from project.messaging import timers
 from project.messaging.retry import Backoff
 from project.messaging.runtime import BusTask
 from project.messaging.sending import check_route, prepare, shown
@@ -40,8 +43,11 @@ class CommandTask(BusTask):
             )
         check_route(self.name, options)
         body, derived_id = prepare(self.binding.contract, kwargs or {}, options.pop(IDEMPOTENCY_KEY, None))
+        task_id = task_id or derived_id
+        if timers.defer(self.app.conf, self.execution.engine, self.name, body, task_id, options):
+            return self.AsyncResult(task_id)
         self.ensure_broker()
-        return super().apply_async((), body, task_id=task_id or derived_id, **{**shown(body), **options})
+        return super().apply_async((), body, task_id=task_id, **{**shown(body), **options})
 
 
 

@@ -21,6 +21,15 @@ rows: nothing is lost, a crashed claim delays its rows by up to CLAIM_TTL. A pub
 after commit costs the claim and the mark, as the read and the mark did before. The one
 duplicate left: a row may be published twice (a crash between its publish and its
 mark, or a publish slower than CLAIM_TTL); the subscribers' inbox makes that harmless.
+
+Durable timers (project/messaging/timers.py) are rows with a due time (`delay=` of
+`send`/`publish`, `schedule`, or a delayed send from outside a handler). A command timer
+is published once it is due within the lookahead (BUS_TIMER_THRESHOLD), with Celery's
+eta set to its due time, so a worker holds it at most that long; an event timer when it
+is due (its copies go to many queues, and with quorum queues RabbitMQ's delayed delivery
+routes an eta by queue name, which an event's fanout has not). The publish after commit
+leaves a timer not due yet to the relay. A cancelled timer is never claimed, and a
+claimed one is never cancelled (project/store/timers.py `owed`).
 """
 from __future__ import annotations
 
@@ -28,19 +37,21 @@ import logging
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
-from sqlalchemy import Select, and_, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from project.contracts import Command, Event
 from project.errors import NotACommand, WrongBoundary
 from project.headers import CAUSATION_HEADER, CORRELATION_HEADER, EVENT_ID
 from project.messaging.sending import body_of, check_route, kwargs_repr
+from project.messaging.timers import lookahead, seconds_of
 from project.messaging.topology import Topology, event_exchange, named_command_queue
 from project.store.engine import single_statements
-from project.store.tables import outbox, utcnow
+from project.store.tables import as_utc, outbox, utcnow
+from project.store.timers import owed
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -67,8 +78,8 @@ class OutboxSink:
     def _next_id(self) -> str:
         return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{self.origin}:{len(self.written)}"))
 
-    def publish(self, event: Event) -> None:
-        """Record `event` for publication after commit; only its owner may publish it."""
+    def publish(self, event: Event, *, delay: timedelta | float | None = None) -> None:
+        """Record `event` for publication after commit (`delay`: that much later); only its owner may publish it."""
         if not isinstance(event, Event):
             raise TypeError(f"events.publish() takes an Event contract instance, got {type(event).__name__}"
                             + ("; send commands with commands.send(...)" if isinstance(event, Command) else ""))
@@ -78,22 +89,42 @@ class OutboxSink:
                 f"cannot publish it. Publish an event of {self.boundary!r}, or send a command to "
                 f"{event.boundary!r} and let its handler publish {type(event).__name__}."
             )
+        due_at = _after(delay)
         event_id = self._next_id()
-        self._write(event_id, "event", event.exchange_name(), {**event.payload(), EVENT_ID: event_id})
+        self._write(event_id, "event", event.exchange_name(), {**event.payload(), EVENT_ID: event_id}, due_at)
 
-    def send(self, command: Command, *, idempotency_key: str | None = None) -> None:
-        """Record `command` for sending after commit (choreography)."""
+    def send(self, command: Command, *, idempotency_key: str | None = None,
+             delay: timedelta | float | None = None) -> None:
+        """Record `command` for sending after commit (choreography; `delay`: that much later, a durable timer)."""
         if not isinstance(command, Command):
             raise NotACommand(f"commands.send() takes a Command contract instance, got {type(command).__name__}")
+        due_at = _after(delay)
         message_id = self._next_id()
         body, task_id = body_of(command, idempotency_key or message_id)
-        self._write(task_id, "command", command.task_name(), body)
+        self._write(task_id, "command", command.task_name(), body, due_at)
 
-    def _write(self, row_id: str, kind: str, name: str, payload: dict[str, Any]) -> None:
+    def schedule(self, name: str, payload: dict[str, Any], due_at: datetime, *, row_id: str | None = None) -> str:
+        """Record a bus-internal command for the command queue `name`, due at `due_at` (aware); its row id
+        (`row_id`, or one deterministic for the execution)."""
+        if due_at.tzinfo is None:
+            raise ValueError(f"schedule({name!r}, ...) takes an aware due_at, got {due_at!r}; "
+                             f"use e.g. datetime.now(timezone.utc) + timedelta(minutes=5)")
+        row_id = row_id or self._next_id()
+        self._write(row_id, "command", name, payload, due_at.astimezone(timezone.utc))
+        return row_id
+
+    def _write(self, row_id: str, kind: str, name: str, payload: dict[str, Any],
+               due_at: datetime | None = None) -> None:
         self.session.execute(outbox.insert().values(
-            id=row_id, kind=kind, name=name, payload=payload, created_at=utcnow(),
+            id=row_id, kind=kind, name=name, payload=payload, created_at=utcnow(), due_at=due_at,
             correlation_id=self.correlation_id, causation_id=self.causation_id))
         self.written.append(row_id)
+
+
+def _after(delay: timedelta | float | None) -> datetime | None:
+    """The due time of a row written now with `delay` (a timedelta or seconds); None: at once."""
+    seconds = 0.0 if delay is None else seconds_of(delay)
+    return utcnow() + timedelta(seconds=seconds) if seconds > 0 else None
 
 
 class Publisher(Protocol):
@@ -118,42 +149,57 @@ class BrokerPublisher:
 
 
 def publish(wiring: "Wiring", ids: list[str]) -> int:
-    """Publish the outbox rows `ids` now (after their commit) unless another publisher has; the number published."""
+    """Publish the outbox rows `ids` now (after their commit) unless another publisher has, or they are timers not
+    due within the lookahead (the relay publishes those); the number published."""
     if not ids:
         return 0
     position = {row_id: n for n, row_id in enumerate(ids)}
     now = utcnow()
-    return _claim_and_publish(wiring, _claimable(now).where(outbox.c.id.in_(ids)), now, lambda row: position[row.id])
+    ready = _claimable(now).where(outbox.c.id.in_(ids), publishable(now, lookahead(wiring.app.conf)))
+    return _claim_and_publish(wiring, ready, now, lambda row: position[row.id])
 
 
 def relay(wiring: "Wiring", batch: int = 500, grace: timedelta = timedelta(0)) -> int:
-    """Publish every unpublished row older than `grace`, `batch` at a time; the number published."""
+    """Publish every unpublished row older than `grace`, oldest first, then every timer due within the lookahead,
+    soonest first, `batch` at a time; the number published."""
+    ahead = lookahead(wiring.app.conf)
+    left = _relay_all(wiring, batch, lambda now: and_(outbox.c.due_at.is_(None), outbox.c.created_at <= now - grace),
+                      outbox.c.created_at)
+    return left + _relay_all(wiring, batch, lambda now: _due(now, ahead), outbox.c.due_at)
+
+
+def publishable(now: datetime, ahead: timedelta) -> ColumnElement[bool]:
+    """A row a publisher may hand to the broker now, as far as time goes: no due time, or due within `ahead`."""
+    return or_(outbox.c.due_at.is_(None), _due(now, ahead))
+
+
+def _due(now: datetime, ahead: timedelta) -> ColumnElement[bool]:
+    """A timer to publish now: a command due within `ahead` (published with eta), an event due already."""
+    return and_(outbox.c.due_at <= now + ahead, or_(outbox.c.kind == "command", outbox.c.due_at <= now))
+
+
+def _relay_all(wiring: "Wiring", batch: int, selection: Callable[[datetime], ColumnElement[bool]], column: Any) -> int:
+    """Publish the rows of `selection(now)` in the order of `column`, `batch` at a time; the number published."""
     total = 0
     while True:
         now = utcnow()
-        oldest = _claimable(now).where(outbox.c.created_at <= now - grace).order_by(outbox.c.created_at).limit(batch)
-        count = _claim_and_publish(wiring, oldest, now, lambda row: row.created_at)
+        first = _claimable(now).where(selection(now)).order_by(column).limit(batch)
+        count = _claim_and_publish(wiring, first, now, lambda row: getattr(row, column.key))
         total += count
         if count < batch:  # the rest, if any, is claimed by another publisher
             return total
 
 
-def _unclaimed(now: Any) -> Any:
-    """Unpublished, and nobody's claim on it runs past `now`."""
-    return and_(outbox.c.published_at.is_(None),
-                or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < now))
-
-
-def _claimable(now: Any) -> Select:
+def _claimable(now: datetime) -> Select:
     """The ids of rows a publisher may claim (on PostgreSQL rows locked by a claim in progress are skipped)."""
-    return select(outbox.c.id).where(_unclaimed(now)).with_for_update(skip_locked=True)
+    return select(outbox.c.id).where(owed(now)).with_for_update(skip_locked=True)
 
 
-def _claim_and_publish(wiring: "Wiring", claimable: Select, now: Any, order: Callable[[Any], Any]) -> int:
+def _claim_and_publish(wiring: "Wiring", claimable: Select, now: datetime, order: Callable[[Any], Any]) -> int:
     """Claim the rows of `claimable`, publish them in `order`, mark them published; the number published."""
     until = now + CLAIM_TTL
-    # the outer condition again: PostgreSQL re-checks it on a row a concurrent claim just took
-    claim = (update(outbox).where(outbox.c.id.in_(claimable), _unclaimed(now)).values(claimed_until=until)
+    # the outer condition again: PostgreSQL re-checks it on a row a concurrent claim (or cancel) just changed
+    claim = (update(outbox).where(outbox.c.id.in_(claimable), owed(now)).values(claimed_until=until)
              .returning(*outbox.c))
     engine = wiring.engine()
     with single_statements(engine) as conn:
@@ -196,6 +242,12 @@ def _batched_events(channel: Any) -> Iterator[Callable[[], None]]:
         yield lambda: None
 
 
+def _eta(row: Any) -> datetime | None:
+    """A command timer published before its due time waits in the broker or worker until then."""
+    due_at = row.due_at and as_utc(row.due_at)
+    return due_at if due_at and due_at > utcnow() else None
+
+
 def _publish_rows(app: "Celery", topology: Topology, rows: list[Any]) -> None:
     # Exchange and queues of each event are built and declared with its first row of the
     # batch only: per row, that cost the relay about a fifth of its time (docs/benchmarks.md).
@@ -216,4 +268,4 @@ def _publish_rows(app: "Celery", topology: Topology, rows: list[Any]) -> None:
                 check_route(row.name, {})
                 flush()  # the events before it go out first: the rows' order is kept
                 app.send_task(row.name, kwargs=row.payload, task_id=row.id, producer=producer,
-                              queue=named_command_queue(row.name), headers=headers)
+                              queue=named_command_queue(row.name), headers=headers, eta=_eta(row))

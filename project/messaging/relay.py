@@ -5,12 +5,15 @@ BUS_RELAY_INTERVAL seconds. A tick takes or renews the lease `relay` in the bus
 database (project/store/lease.py; key and holder are the worker's node name, so one worker
 holds it at a time), and the holder publishes the outbox rows older than
 BUS_RELAY_GRACE seconds; younger rows are left to the worker that wrote them, which
-publishes them right after its commit. A holder that stops releases the lease; one
-that dies keeps it for LEASE_TICKS intervals, then the next worker to tick takes over.
+publishes them right after its commit. It also publishes the durable timers due within
+BUS_TIMER_THRESHOLD (project/messaging/timers.py), which a publish after commit leaves
+to it: an interval longer than the threshold would make them late. A holder that stops
+releases the lease; one that dies keeps it for LEASE_TICKS intervals, then the next
+worker to tick takes over.
 Rows are claimed as they are published (project/messaging/outbox.py), so beat's relay task or
 `bus relay` running as well cannot publish a row twice. An idle tick costs the
-lease's statement and one indexed query. BUS_RELAY_INTERVAL=0 turns it off, for
-deployments that run beat or `bus relay`.
+lease's statement and two indexed queries (leftovers, due timers). BUS_RELAY_INTERVAL=0
+turns it off, for deployments that run beat or `bus relay`.
 
 A thread, not a timer of the worker's event loop: publishing a backlog of thousands of
 rows takes seconds, during which the event loop would not hand out messages.

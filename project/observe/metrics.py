@@ -22,6 +22,8 @@ events):
   attempt (a refused or dead-lettered command ends as failed);
 - bus_dead_letters_total{task, reason}: messages put in the dead-letter store;
 - bus_duplicates_absorbed_total: deliveries that found their work already done;
+- bus_process_unmatched_total{manager, event}: events a process manager found no instance
+  for, in a step that does not start one (ignored or dead-lettered: its `on_missing`);
 - bus_handler_duration_seconds: one delivery's run in the pool (validate, claim, handler,
   commit, publish).
 Read at scrape time by the main process:
@@ -82,6 +84,8 @@ def _get() -> SimpleNamespace | None:
                 retried=Counter("bus_tasks_retried", "Attempts that failed and were retried.", ["task"]),
                 dead=Counter("bus_dead_letters", "Messages put in the dead-letter store.", ["task", "reason"]),
                 absorbed=Counter("bus_duplicates_absorbed", "Deliveries whose work was already done.", ["task"]),
+                unmatched=Counter("bus_process_unmatched", "Events a process manager had no instance for.",
+                                  ["manager", "event"]),
                 duration=Histogram("bus_handler_duration_seconds",
                                    "Seconds one delivery ran in the pool (validate, claim, handler, commit).",
                                    ["task"]),
@@ -95,6 +99,13 @@ def absorbed(task: str) -> None:
     metrics = _get()
     if metrics is not None:
         metrics.absorbed.labels(task).inc()
+
+
+def process_unmatched(manager: str, event: str) -> None:
+    """Process manager `manager` found no instance for an `event` that does not start one."""
+    metrics = _get()
+    if metrics is not None:
+        metrics.unmatched.labels(manager, event).inc()
 
 
 def dead_lettered(task: str | None, reason: str) -> None:

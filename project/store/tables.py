@@ -11,6 +11,7 @@ from sqlalchemy import (
     JSON,
     Column,
     DateTime,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -25,6 +26,11 @@ metadata = MetaData()
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime) -> datetime:
+    """A stored time as an aware UTC datetime (SQLite gives it back naive, in UTC as the bus writes it)."""
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 #: one row per (command, idempotency key): the claim, then the outcome
@@ -85,7 +91,16 @@ outbox = Table(
     Column("published_at", DateTime(timezone=True), index=True),
     # a publisher's claim: until then no other publisher takes the row (project/messaging/outbox.py)
     Column("claimed_until", DateTime(timezone=True)),
+    # a durable timer: not published before this time (null: at once); project/store/timers.py
+    Column("due_at", DateTime(timezone=True)),
+    # a cancelled timer is never published (`bus timers cancel`)
+    Column("cancelled_at", DateTime(timezone=True)),
 )
+# The rows publishers still owe, by due time: timers (due_at) and a crash's leftovers (due_at null).
+# Partial: published and cancelled rows, which pile up until the retention purge, are not in it,
+# so the relay's tick and `bus timers list` read only what is pending.
+_owed = outbox.c.published_at.is_(None) & outbox.c.cancelled_at.is_(None)
+Index("ix_bus_outbox_due_at", outbox.c.due_at, postgresql_where=_owed, sqlite_where=_owed)
 
 #: one row per (event, subscriber) that ran: a redelivered event does not run it twice
 inbox = Table(
@@ -135,4 +150,19 @@ executions = Table(
     Column("error", Text),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+#: one row per instance of a process manager: its state, under a version that serialises
+#: concurrent steps (project/store/process_state.py)
+process_instances = Table(
+    "bus_process_instances", metadata,
+    Column("manager", String(200), primary_key=True),
+    Column("instance_id", String(300), primary_key=True),
+    Column("state", JSON, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("status", String(20), nullable=False),  # running | completed
+    Column("timers", JSON, nullable=False),  # the pending timeouts: {name: timer id}
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("completed_at", DateTime(timezone=True)),
 )

@@ -287,7 +287,8 @@ def test_project_config_takes_its_task_modules_from_bus_task_modules_only(monkey
 def test_this_repositorys_celeryconfig_adds_the_shops_task_modules_and_commands(monkeypatch, tmp_path):
     # Given no BUS_TASK_MODULES, Then the shop's tasks modules, with the bus's settings beside them
     conf = shop_config(monkeypatch, tmp_path)
-    assert conf["include"] == ["tasks.orders", "tasks.accounts", "tasks.billing", "tasks.notifications", "tasks.audit"]
+    assert conf["include"] == ["tasks.orders", "tasks.accounts", "tasks.billing", "tasks.notifications", "tasks.audit",
+                               "tasks.inventory", "tasks.shipping", "tasks.fulfilment"]
     assert conf["task_acks_late"] is True and conf["broker_url"].startswith("redis+socket://")
     # And the shop's own `bus` commands
     assert conf["bus_cli"] == "entrypoints.cli:register"

@@ -9,6 +9,7 @@ from project.config import *  # noqa: F401,F403 - the bus's settings, read from 
 from project.config import include
 
 #: the shop's task modules, unless BUS_TASK_MODULES names others (tests load their own)
-include = include or ["tasks.orders", "tasks.accounts", "tasks.billing", "tasks.notifications", "tasks.audit"]
+include = include or ["tasks.orders", "tasks.accounts", "tasks.billing", "tasks.notifications", "tasks.audit",
+                      "tasks.inventory", "tasks.shipping", "tasks.fulfilment"]
 #: `bus demo` and `bus api` (entrypoints/cli.py), added to the generic `bus` command
 bus_cli = "entrypoints.cli:register"

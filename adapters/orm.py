@@ -1,5 +1,9 @@
 """Tables of the reference domain, on their own metadata: the shop's migrations (migrations/ in the
-repository) create them, after the bus's (project/store/migrations) created the bus_* tables."""
+repository) create them, after the bus's (project/store/migrations) created the bus_* tables.
+
+The effects of the fulfilment flow are rows too (a reservation, a shipment, a cancellation;
+a refund is a `port_calls` row of port `refund`), so that tests, the demo and the fault
+suite count them."""
 from __future__ import annotations
 
 from sqlalchemy import JSON, Column, DateTime, Integer, MetaData, String, Table
@@ -44,3 +48,31 @@ port_calls = Table(
     Column("at", DateTime(timezone=True), nullable=False, default=utcnow),
 )
 
+
+#: stock on hand per SKU (a SKU without a row has none)
+stock = Table(
+    "stock", metadata,
+    Column("sku", String(100), primary_key=True),
+    Column("available", Integer, nullable=False),
+)
+
+#: the units set aside for an order, per SKU (one row per order: all its units, or no row)
+stock_reservations = Table(
+    "stock_reservations", metadata,
+    Column("order_id", String(100), primary_key=True),
+    Column("quantities", JSON, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False, default=utcnow),
+)
+
+shipments = Table(
+    "shipments", metadata,
+    Column("order_id", String(100), primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False, default=utcnow),
+)
+
+order_cancellations = Table(
+    "order_cancellations", metadata,
+    Column("order_id", String(100), primary_key=True),
+    Column("reason", String(300), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False, default=utcnow),
+)

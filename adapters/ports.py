@@ -1,7 +1,7 @@
 """Adapters of the external ports: real ones (SMTP, HTTP) and recording fakes.
 
-The recording fakes write what they were asked into `port_calls` through the unit of
-work's session, so a recorded effect commits with the inbox claim: counting rows
+The recording fakes write what they were asked into `port_calls` (port gateway, refund,
+mail, sms) through the unit of work's session, so a recorded effect commits with the inbox claim: counting rows
 counts effects, across processes. `Flaky` makes a port fail its first N calls per key
 (BUS_FAIL_PORTS=gateway=3), to show retries, or every call of the keys that contain a
 marker (sms=always:unreachable), to show a subscriber giving up.
@@ -45,6 +45,9 @@ class RecordingPorts:
         self._record("gateway", customer_id, idempotency_key, {"amount": str(amount), "charge_id": charge_id})
         return charge_id
 
+    def refund(self, charge_id: str, amount: Decimal, *, idempotency_key: str) -> None:
+        self._record("refund", charge_id, idempotency_key, {"amount": str(amount)})
+
     def send_mail(self, to: str, subject: str, body: str) -> None:
         self._record("mail", to, None, {"subject": subject, "body": body})
 
@@ -57,7 +60,7 @@ class RecordingPorts:
 
 class RecordingGateway:
     def __init__(self, ports: RecordingPorts) -> None:
-        self.charge = ports.charge
+        self.charge, self.refund = ports.charge, ports.refund
 
 
 class RecordingMailer:
@@ -156,17 +159,24 @@ class SmtpMailer:
 
 
 class HttpGateway:
-    """Charges through a payment API (BUS_GATEWAY_URL), passing the idempotency key."""
+    """Charges (POST BUS_GATEWAY_URL) and refunds (POST <BUS_GATEWAY_URL>/refunds) through a payment API,
+    passing the idempotency key."""
 
     def __init__(self, url: str) -> None:
         self.url = url
 
     def charge(self, customer_id: str, amount: Decimal, *, idempotency_key: str) -> str:
+        return self._post(self.url, {"customer": customer_id, "amount": str(amount)}, idempotency_key)["id"]
+
+    def refund(self, charge_id: str, amount: Decimal, *, idempotency_key: str) -> None:
+        self._post(f"{self.url.rstrip('/')}/refunds", {"charge": charge_id, "amount": str(amount)}, idempotency_key)
+
+    def _post(self, url: str, body: dict, idempotency_key: str) -> dict:
         request = urllib.request.Request(
-            self.url, method="POST", data=json.dumps({"customer": customer_id, "amount": str(amount)}).encode(),
+            url, method="POST", data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", "Idempotency-Key": idempotency_key})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
-                return json.load(response)["id"]
+                return json.load(response)
         except OSError as exc:
-            raise PortUnavailable(f"payment gateway {self.url}: {exc}") from exc
+            raise PortUnavailable(f"payment gateway {url}: {exc}") from exc

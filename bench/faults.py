@@ -8,11 +8,16 @@ What it does, on an installation of its own (a fresh Redis database, RabbitMQ vh
 embedded server, and a fresh SQLite file or PostgreSQL database, as the integration
 tests make them; everything is removed at the end):
 - starts three workers (2 pool processes each) for the reference domain's boundaries:
-  orders+accounts (commands), billing+audit and notifications+bus (subscribers), and an
-  outbox relay (the beat task's work, in this process);
+  orders+accounts+inventory, billing+audit+shipping and notifications+bus+fulfilment, and
+  an outbox relay (the beat task's work, in this process);
 - sends N commands, PlaceOrder and RegisterUser, with a share of them sent again with
-  the same idempotency key (duplicates); each PlaceOrder publishes OrderPlaced to 2
-  subscribers, each RegisterUser UserAccountCreated to 3;
+  the same idempotency key (duplicates); each PlaceOrder publishes OrderPlaced to 3
+  subscribers (billing, notifications, the fulfilment process manager), each RegisterUser
+  UserAccountCreated to 3;
+- runs the fulfilment flow of every order (handlers/fulfilment.py): ReserveStock, the
+  charge's PaymentProcessed, then ShipOrder, or CancelOrder and RefundPayment: the shelves
+  hold books for about FILLED of the orders, so the rest run out of stock, before or after
+  their payment;
 - SIGKILLs a random pool process of a random worker K times, spread evenly over the
   run's progress (the worker forks a new one; the killed message is redelivered);
 - optionally cuts the broker (--broker-outage: restarts the embedded server, or drops
@@ -42,7 +47,10 @@ tests make them; everything is removed at the end):
   than asked, a send that failed; with --edges also: a conflicting payload applied or not refused, an e-mail registered
   twice, a refusal not stored, a refused command whose duplicate ran the handler again
   instead of getting the stored refusal, an exhausted delivery not dead-lettered, or
-  dead-lettered before its policy's limit, or handled.
+  dead-lettered before its policy's limit, or handled; and for fulfilment: an order whose
+  instance did not complete, that was shipped and cancelled, shipped without its stock or
+  payment, cancelled without a refund of its charge, or a command the manager sent twice.
+  (Its 30-minute payment timers are not due during a run: they are left waiting.)
 """
 from __future__ import annotations
 
@@ -67,13 +75,16 @@ sys.path.insert(0, str(REPO))
 from tests.integration.support.scenarios import PG_ADMIN_URL, Scenario, open_scenario  # noqa: E402
 
 ITEMS = [{"sku": "book", "quantity": 2, "unit_price": "12.50"}, {"sku": "pen", "quantity": 1, "unit_price": "1.99"}]
-WORKERS = (("orders", "accounts"), ("billing", "audit"), ("notifications", "bus"))
+WORKERS = (("orders", "accounts", "inventory"), ("billing", "audit", "shipping"), ("notifications", "bus", "fulfilment"))
 ORDER_PLACED, USER_CREATED, PAYMENT = "events.order_placed", "events.user_account_created", "events.payment_processed"
+STOCK_EVENTS = ("events.stock_reserved", "events.out_of_stock")
+#: the share of the orders the shelves hold books for (every order takes ITEMS: 2 books, 1 pen)
+FILLED = 0.75
 PLACE_ORDER, REGISTER_USER = "orders.place_order", "accounts.register_user"
 CHARGE, WELCOME_SMS = "billing.charge_payment", "notifications.send_welcome_sms"
 #: the field that names a command's effect (its row in `orders` / `users`)
 ENTITY = {PLACE_ORDER: "order_id", REGISTER_USER: "user_id"}
-SUBSCRIBERS_PER_COMMAND = {PLACE_ORDER: 2, REGISTER_USER: 3}
+SUBSCRIBERS_PER_COMMAND = {PLACE_ORDER: 3, REGISTER_USER: 3}
 REFUSED = "handlers.accounts.EmailAlreadyRegistered"
 
 # --edges: shares of the new commands in the plan, and the failures injected into the workers
@@ -107,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--visibility-timeout", type=int, default=None,
                         help="Redis: BUS_VISIBILITY_TIMEOUT of the workers (default: celeryconfig's; 30 with "
                              "--broker-outage, see below)")
+    parser.add_argument("--batch-max", type=int, default=None,
+                        help="BUS_BATCH_MAX of the workers (batched execution); on RabbitMQ the results then go "
+                             "to a Redis database of this run (batching needs a Redis result backend)")
     parser.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
     parser.add_argument("--stall", type=float, default=30.0,
                         help="give up when nothing moved this long and nothing waits in the broker")
@@ -289,9 +303,32 @@ def progress(scenario: Scenario, subscribers: dict[str, list[str]]) -> int:
 
 
 def expected_executions(scenario: Scenario, keys: int, subscribers: dict[str, list[str]]) -> int:
-    """Executions the run ends with, given the events committed so far: one per key, one per (event, subscriber)."""
+    """Executions the run ends with, given what was committed so far: one per key, one per command a handler
+    sent (not the timers: not due during the run), one per (event, subscriber)."""
     events = scenario.rows("SELECT name, count(*) FROM bus_outbox WHERE kind = 'event' GROUP BY name")
-    return keys + sum(n * len(subscribers.get(name, ())) for name, n in events)
+    sent = scalar(scenario, "SELECT count(*) FROM bus_outbox WHERE kind = 'command' AND due_at IS NULL")
+    return keys + sent + sum(n * len(subscribers.get(name, ())) for name, n in events)
+
+
+def owed(scenario: Scenario) -> int:
+    """Outbox rows owed to the broker: not published, and not a timer that is not due yet (or cancelled)."""
+    from sqlalchemy import func, or_, select
+
+    from project.store.tables import outbox, utcnow
+    with scenario.engine().connect() as conn:
+        return conn.execute(select(func.count()).select_from(outbox).where(
+            outbox.c.published_at.is_(None), outbox.c.cancelled_at.is_(None),
+            or_(outbox.c.due_at.is_(None), outbox.c.due_at <= utcnow()))).scalar_one()
+
+
+def restock(bus: Any, sends: list[Send]) -> dict[str, int]:
+    """Fill the shelves: pens for every order, books for FILLED of them; the levels."""
+    from adapters.repositories import restock as fill
+    orders = len({send.key for send in sends if send.task == PLACE_ORDER})
+    levels = {"book": 2 * int(orders * FILLED), "pen": orders}
+    with bus.engine().begin() as conn:
+        fill(conn, levels)
+    return levels
 
 
 def queued(scenario: Scenario, queues: list[str]) -> int:
@@ -426,6 +463,7 @@ def report(scenario: Scenario, sends: list[Send], subscribers: dict[str, list[st
 
     duplicated_subscriber = {
         "gateway charges": repeated("SELECT key, count(*) FROM port_calls WHERE port = 'gateway' GROUP BY key"),
+        "refunds": repeated("SELECT key, count(*) FROM port_calls WHERE port = 'refund' GROUP BY key"),
         "mails": repeated("SELECT target, count(*) FROM port_calls WHERE port = 'mail' GROUP BY target"),
         "sms": repeated("SELECT target, count(*) FROM port_calls WHERE port = 'sms' GROUP BY target"),
         "audit entries": repeated("SELECT subject, count(*) FROM audit_log GROUP BY subject"),
@@ -443,14 +481,14 @@ def report(scenario: Scenario, sends: list[Send], subscribers: dict[str, list[st
         "duplicates_absorbed": {
             "commands": scalar(scenario, "SELECT sum(duplicates) FROM bus_commands"),
             "subscriber deliveries": scalar(scenario, "SELECT sum(duplicates) FROM bus_inbox")},
-        "events_published": {name: published[name] for name in (ORDER_PLACED, USER_CREATED, PAYMENT)},
+        "events_published": {name: published[name] for name in (ORDER_PLACED, USER_CREATED, PAYMENT, *STOCK_EVENTS)},
         "deliveries": deliveries,
         "lost_deliveries": lost_deliveries,
         "duplicated_subscriber_effects": sum(duplicated_subscriber.values()),
         "duplicated_subscriber_effects_by_kind": duplicated_subscriber,
         "gateway_charges": scalar(scenario, "SELECT count(*) FROM port_calls WHERE port = 'gateway'"),
         "dead_letters": dead.by_reason,
-        "unpublished_outbox_rows": scalar(scenario, "SELECT count(*) FROM bus_outbox WHERE published_at IS NULL"),
+        "unpublished_outbox_rows": owed(scenario),
         "examples": examples,
     }
     if edges:
@@ -494,6 +532,42 @@ def edge_figures(scenario: Scenario, commands: Counter, dead: DeadLetters, must_
     }
 
 
+def fulfilment_figures(scenario: Scenario, shelves: dict[str, int]) -> dict[str, Any]:
+    """Every placed order's fulfilment against the effects in the shop's tables (see the module docstring)."""
+    placed = {r.order_id for r in scenario.rows("SELECT order_id FROM orders")}
+    instances = {r.instance_id: (r.status, as_json(r.state)) for r in scenario.rows(
+        "SELECT instance_id, status, state FROM bus_process_instances WHERE manager = 'fulfilment'")}
+    shipped = {r.order_id for r in scenario.rows("SELECT order_id FROM shipments")}
+    cancelled = {r.order_id for r in scenario.rows("SELECT order_id FROM order_cancellations")}
+    reserved = {r.order_id for r in scenario.rows("SELECT order_id FROM stock_reservations")}
+    refunded = Counter(r.target for r in scenario.rows("SELECT target FROM port_calls WHERE port = 'refund'"))
+    charged = {payload["charge_id"] for payload in (as_json(r.payload) for r in scenario.rows(
+        "SELECT payload FROM port_calls WHERE port = 'gateway'"))}
+    paid = {order for order, (_, state) in instances.items() if state.get("paid")}
+    charge_of = {order: state.get("charge_id") for order, (_, state) in instances.items()}
+    commands = Counter((r.name, as_json(r.payload).get("order_id")) for r in scenario.rows(
+        "SELECT name, payload FROM bus_outbox WHERE kind = 'command' AND due_at IS NULL "
+        "AND name IN ('inventory.reserve_stock', 'shipping.ship_order', 'orders.cancel_order', "
+        "'billing.refund_payment')"))
+    left = scalar(scenario, "SELECT available FROM stock WHERE sku = 'book'")
+    return {
+        "shelves": shelves,
+        "orders": len(placed),
+        "shipped": len(shipped),
+        "cancelled": len(cancelled),
+        "refunded": sum(refunded.values()),
+        "not_completed": sorted(o for o in placed if instances.get(o, ("", {}))[0] != "completed")[:EXAMPLES],
+        "not_completed_count": sum(1 for o in placed if instances.get(o, ("", {}))[0] != "completed"),
+        "shipped_and_cancelled": len(shipped & cancelled),
+        "shipped_unreserved_or_unpaid": len(shipped - (reserved & paid)),
+        "cancelled_charge_not_refunded": sum(1 for o in cancelled if charge_of.get(o) in charged
+                                             and not refunded[charge_of[o]]),
+        "commands_sent_twice": sum(n - 1 for n in commands.values() if n > 1),
+        "books_reserved_vs_taken": f"{2 * len(reserved)} / {shelves['book'] - left}",
+        "books_miscounted": abs(2 * len(reserved) - (shelves["book"] - left)),
+    }
+
+
 # ---- the run -----------------------------------------------------------------------------------
 def injected_edges(args: argparse.Namespace, app: Any) -> dict[str, Any]:
     """The failures --edges injects into the workers, checked against the subscribers' policies."""
@@ -516,12 +590,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         visibility = args.visibility_timeout or (30 if args.broker_outage and not scenario.rabbitmq else None)
         if visibility:
             scenario.env["BUS_VISIBILITY_TIMEOUT"] = str(visibility)
+        if args.batch_max:
+            scenario.env["BUS_BATCH_MAX"] = str(args.batch_max)
+            if not scenario.env.get("CELERY_RESULT_BACKEND", "").startswith("redis"):
+                from project.testing.isolation import claim_redis_db
+                number = claim_redis_db(scenario._cleanups)
+                scenario.env["CELERY_RESULT_BACKEND"] = f"redis://127.0.0.1:6379/{number}"
         os.environ.update(scenario.env)
         from project import app, bus
         from project.messaging.outbox import relay
         app.loader.import_default_modules()
         subscribers = {name: sorted(q.name for q in bus.topology.subscriber_queues(name))
-                       for name in (ORDER_PLACED, USER_CREATED)}
+                       for name in (ORDER_PLACED, USER_CREATED, PAYMENT, *STOCK_EVENTS)}
         queues = [q.name for q in bus.topology.queues()]
         edges = injected_edges(args, app) if args.edges else None
 
@@ -541,6 +621,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         threading.Thread(target=relay_loop, daemon=True).start()
 
         sends = plan(args.commands, args.duplicates, rng, edges=args.edges)
+        shelves = restock(bus, sends)
         keys = len({(send.task, send.key) for send in sends})
         estimate = estimated_executions(sends)
         send_errors: list[str] = []
@@ -587,7 +668,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     say(args, f"sent {len(sends)} commands in {sent_at - started:.1f}s; waiting for quiescence")
                 waiting = queued(scenario, queues)
                 expected = expected_executions(scenario, keys, subscribers)
-                unpublished = scalar(scenario, "SELECT count(*) FROM bus_outbox WHERE published_at IS NULL")
+                unpublished = owed(scenario)
                 if done >= expected and kills >= args.kills and waiting == 0 and not unpublished:
                     break
                 # a publisher killed mid-publish holds its rows until its claim expires (outbox.CLAIM_TTL):
@@ -600,9 +681,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         quiesced = time.monotonic()
         time.sleep(2.0)  # anything that should not come (a duplicate) comes now
         figures = report(scenario, sends, subscribers, edges)
+        figures["fulfilment"] = fulfilment_figures(scenario, shelves)
         figures["waiting_in_broker"] = queued(scenario, queues)
         figures.update(
-            broker=args.broker, db=args.db, kills=kills, kills_asked=args.kills, faults=faults,
+            broker=args.broker, db=args.db, batch_max=args.batch_max, kills=kills, kills_asked=args.kills, faults=faults,
             send_errors=len(send_errors), workers=len(workers), pool_processes_per_worker=args.concurrency,
             seconds_to_send=round(sent_at - started, 1), seconds_to_quiesce=round(quiesced - sent_at, 1),
             seconds_total=round(quiesced - started, 1),
@@ -625,6 +707,10 @@ def failed(figures: dict[str, Any]) -> list[str]:
                                                         "duplicated_subscriber_effects", "send_errors",
                                                         "unpublished_outbox_rows")
                if figures[name]]
+    reasons += [f"fulfilment {name} = {figures['fulfilment'][name]}"
+                for name in ("not_completed_count", "shipped_and_cancelled", "shipped_unreserved_or_unpaid",
+                             "cancelled_charge_not_refunded", "commands_sent_twice", "books_miscounted")
+                if figures["fulfilment"][name]]
     if figures["kills"] < figures["kills_asked"]:
         reasons.append(f"only {figures['kills']} of {figures['kills_asked']} kills done")
     edges = figures.get("edges")
@@ -640,7 +726,8 @@ def failed(figures: dict[str, Any]) -> list[str]:
 
 def show(figures: dict[str, Any]) -> None:
     rows = [
-        ("broker / database", f"{figures['broker']} / {figures['db']}"),
+        ("broker / database", f"{figures['broker']} / {figures['db']}"
+                                + (f" (BUS_BATCH_MAX={figures['batch_max']})" if figures.get('batch_max') else "")),
         ("workers x pool processes", f"{figures['workers']} x {figures['pool_processes_per_worker']}"),
         ("pool processes SIGKILLed", figures["kills"]),
         ("other faults", "; ".join(figures["faults"]) or "-"),
@@ -656,6 +743,13 @@ def show(figures: dict[str, Any]) -> None:
         ("still waiting in the broker", figures["waiting_in_broker"]),
         ("duplicated subscriber effects", json.dumps(figures["duplicated_subscriber_effects_by_kind"])),
         ("gateway charges", figures["gateway_charges"]),
+        ("fulfilment: orders / shipped / cancelled / refunded",
+         " / ".join(str(figures["fulfilment"][n]) for n in ("orders", "shipped", "cancelled", "refunded"))),
+        ("fulfilment: not completed / shipped and cancelled / shipped unready / charge kept / sent twice",
+         " / ".join(str(figures["fulfilment"][n]) for n in (
+             "not_completed_count", "shipped_and_cancelled", "shipped_unreserved_or_unpaid",
+             "cancelled_charge_not_refunded", "commands_sent_twice"))),
+        ("fulfilment: books reserved / taken from the shelves", figures["fulfilment"]["books_reserved_vs_taken"]),
         ("dead letters by reason", json.dumps(figures["dead_letters"]) if figures["dead_letters"] else "none"),
         ("keys of failing figures", json.dumps(figures["examples"]) if figures["examples"] else "none"),
         ("seconds to send / to quiesce / total",

@@ -2,17 +2,23 @@
 
 Starts the embedded broker and real worker processes, sends commands (with duplicates,
 a key conflict, a domain refusal, invalid and pickled messages), and shows both event
-cycles: PlaceOrder -> OrderPlaced -> (charge, thank-you e-mail) and RegisterUser ->
+cycles: PlaceOrder -> OrderPlaced -> (charge, thank-you e-mail, fulfilment) and RegisterUser ->
 UserAccountCreated -> (welcome e-mail, SMS, audit). Billing is offline while the orders
 are placed (its events wait in its queue) and, once started, its payment gateway fails
-twice per charge: billing retries alone, its siblings run once. Every figure printed
-is read back from the bus's own records.
+twice per charge: billing retries alone, its siblings run once.
+
+The fulfilment process manager (handlers/fulfilment.py) reserves each order's stock and
+ships it once it is paid. Two more orders show its other ends: one whose 30-minute payment
+timeout is made due at once (project/testing/timers.py `due_now`) while billing is
+offline: cancelled, and its late charge refunded; one of a SKU with no stock: cancelled,
+and its charge refunded. Every figure printed is read back from the bus's own records.
 """
 from __future__ import annotations
 
 import json
 import uuid
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import typer
@@ -25,6 +31,9 @@ from project.observe.console import make_console
 
 console = make_console(stderr=True)
 ITEMS = [{"sku": "book", "quantity": 2, "unit_price": "12.50"}, {"sku": "pen", "quantity": 1, "unit_price": "1.99"}]
+#: what the shelves hold when the demo starts: no rare coins
+SHELVES = {"book": 1000, "pen": 1000, "rare-coin": 0}
+RARE = [{"sku": "rare-coin", "quantity": 1, "unit_price": "500.00"}]
 
 
 def demo(as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary only.")) -> None:
@@ -38,19 +47,22 @@ def demo(as_json: bool = typer.Option(False, "--json", help="Print a machine-rea
     started_broker = settings.embedded and embedded.ensure_running(settings.home)
     upgrade(settings.database_url)
     app.loader.import_default_modules()
+    _restock(bus)
     logs = settings.home / "logs"
     workers = [start_worker(logdir=logs, name="demo", concurrency=2,
-                            boundaries=["orders,accounts,notifications,audit,bus"])]
+                            boundaries=["orders,accounts,notifications,audit,bus,fulfilment,inventory,shipping"])]
     try:
         say(as_json, f"worker {workers[0].hostname} starting on {settings.broker_kind}; billing is offline ...")
         workers[0].wait_ready(app)
         summary = run_scenario(app, bus, as_json)
+        orders = fulfilment_orders(bus, summary["_run"], as_json)
         waiting = queue_length(app, "billing.charge_payment")
         say(as_json, f"{waiting} OrderPlaced event(s) wait in billing.charge_payment; starting billing, "
                      f"whose gateway fails twice per charge ...")
         workers.append(start_worker(logdir=logs, name="demo-billing", concurrency=1, boundaries=["billing"],
                                     env={"BUS_FAIL_PORTS": "gateway=2"}))
         workers[-1].wait_ready(app)
+        summary.update(fulfilment=fulfilment_outcomes(bus, orders))
         summary.update(waiting_for_offline_billing=waiting, **events_summary(bus, summary.pop("_started"),
                                                                              settings.home))
     finally:
@@ -101,7 +113,7 @@ def run_scenario(app, bus, quiet: bool) -> dict:
             outcomes[type(exc).__name__] += 1
             say(quiet, f"{result.id[:8]} -> {type(exc).__name__}: {str(exc)[:110]}")
     dead = _wait_dead_letters(bus, since, expected=3)
-    executions, absorbed = _claims_since(bus, started)
+    executions, absorbed = _claims_since(bus, started, [place_order.name, register_user.name])
     return {
         "broker": bus.settings.broker_kind,
         "commands_sent": sent + caller_rejected,
@@ -114,7 +126,75 @@ def run_scenario(app, bus, quiet: bool) -> dict:
         "outcomes": dict(outcomes),
         "first_order": results[0].id,  # its conversation: `bus trace <id>`
         "_started": started,
+        "_run": run,
     }
+
+
+def fulfilment_orders(bus, run: str, quiet: bool) -> dict[str, str]:
+    """Place an order to time out and one out of stock; make the first one's payment timeout due now.
+
+    {order id: what the demo means it to show}: the first order of the scenario, shipped, and these two.
+    """
+    from project.messaging.outbox import relay
+    from project.testing.timers import due_now
+    from tasks.orders import place_order
+    late, rare = f"o-{run}-late", f"o-{run}-rare"
+    for order_id, items in ((late, ITEMS), (rare, RARE)):
+        place_order.delay(order_id=order_id, customer_id="c-demo", items=items).get(timeout=30)
+    instance = _wait_instance(bus, late, lambda i: "payment" in i.timers)
+    say(quiet, f"{late} waits for its payment (billing is offline): its 30-minute payment timeout is made due now")
+    due_now(bus.engine(), instance.timers["payment"])
+    relay(bus.wiring, grace=timedelta(seconds=5))  # what the workers' relay does at its next tick
+    _wait_instance(bus, late, lambda i: i.state.cancelled is not None)
+    _wait_instance(bus, rare, lambda i: i.state.cancelled is not None)
+    return {f"o-{run}-0": "happy", late: "payment timed out", rare: "out of stock"}
+
+
+def fulfilment_outcomes(bus, orders: dict[str, str], timeout: float = 60.0) -> dict[str, dict]:
+    """Wait until every fulfilment instance of the demo's orders completed and the commands it sent took
+    effect (shipments, cancellations, refunds: rows of the shop's tables); what became of each order."""
+    import time
+
+    from adapters.orm import order_cancellations, port_calls, shipments
+    outcomes, charges = {}, []
+    for order_id, meant in orders.items():
+        state = _wait_instance(bus, order_id, lambda i: i.status == "completed", timeout).state
+        outcomes[order_id] = {"meant": meant, "shipped": state.shipped, "cancelled": state.cancelled,
+                              "refunded": state.refunded}
+        charges += [state.charge_id] if state.refunded else []
+    decided = {"shipments": sum(o["shipped"] for o in outcomes.values()), "refunds": len(charges),
+               "cancellations": sum(o["cancelled"] is not None for o in outcomes.values())}
+    deadline = time.monotonic() + timeout
+    while True:
+        with bus.engine().connect() as conn:
+            effects = {name: conn.execute(select(func.count()).where(where)).scalar_one() for name, where in (
+                ("shipments", shipments.c.order_id.in_(orders)),
+                ("cancellations", order_cancellations.c.order_id.in_(orders)),
+                ("refunds", (port_calls.c.port == "refund") & port_calls.c.target.in_(charges)))}
+        if effects == decided or time.monotonic() > deadline:
+            return {"orders": outcomes, **effects}
+        time.sleep(0.2)
+
+
+def _wait_instance(bus, order_id: str, done, timeout: float = 30.0):
+    """The fulfilment instance of `order_id` once `done(instance)`; RuntimeError naming it after `timeout`."""
+    import time
+    manager, deadline = bus.process_managers["fulfilment"], time.monotonic() + timeout
+    while True:
+        with bus.engine().connect() as conn:
+            instance = manager.instance(conn, order_id)
+        if instance is not None and done(instance):
+            return instance
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the fulfilment of {order_id} did not get there in {timeout:.0f}s (now: "
+                               f"{instance}); the workers' logs under BUS_HOME/logs say why")
+        time.sleep(0.2)
+
+
+def _restock(bus) -> None:
+    from adapters.repositories import restock
+    with bus.engine().begin() as conn:
+        restock(conn, SHELVES)
 
 
 def queue_length(app, queue: str) -> int:
@@ -154,12 +234,13 @@ def _send_pickle(app, order_id: str) -> None:
             exchange="orders.place_order", headers={"task": "orders.place_order", "id": str(uuid.uuid4())})
 
 
-def _claims_since(bus, started) -> tuple[int, int]:
-    """(handler executions, duplicates absorbed) recorded by the idempotency claims."""
+def _claims_since(bus, started, tasks: list[str]) -> tuple[int, int]:
+    """(handler executions, duplicates absorbed) of the commands `tasks` (those the demo sends itself, not
+    those its handlers send) recorded by the idempotency claims."""
     from project.store.tables import commands
     with bus.engine().connect() as conn:
         row = conn.execute(select(func.count(), func.coalesce(func.sum(commands.c.duplicates), 0))
-                           .where(commands.c.created_at >= started)).one()
+                           .where(commands.c.created_at >= started, commands.c.task.in_(tasks))).one()
     return row[0], row[1]
 
 
@@ -201,6 +282,16 @@ def show(summary: dict) -> None:
         table.add_row(f"events handled by {subscriber}", str(count))
     for port, count in sorted(summary["port_effects"].items()):
         table.add_row(f"effects on port: {port}", str(count))
+    fulfilment = summary["fulfilment"]
+    orders = Table(title="fulfilment (process manager): bus process show fulfilment <order>")
+    for column in ("order", "shows", "shipped", "cancelled", "refunded"):
+        orders.add_column(column)
+    for order_id, what in fulfilment["orders"].items():
+        orders.add_row(order_id, what["meant"], "yes" if what["shipped"] else "no", what["cancelled"] or "no",
+                       "yes" if what["refunded"] else "no")
     out = make_console()
     out.print(table)
+    out.print(orders)
+    out.print(f"of these: {fulfilment['shipments']} shipment(s), {fulfilment['cancellations']} cancellation(s), "
+              f"{fulfilment['refunds']} refund(s) recorded")
     out.print(f"the first order's conversation, with billing's retries: bus trace {summary['first_order']}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, PositiveInt
 
 from project.contracts import Command, Event
 
@@ -33,11 +33,20 @@ class RegisterUser(Command, boundary="accounts"):
 
 
 class OrderPlaced(Event, boundary="orders"):
-    """An order was stored; billing charges it, notifications thank the customer."""
+    """An order was stored; billing charges it, notifications thank the customer, fulfilment reserves its lines."""
 
     order_id: str
     customer_id: str
     total: Decimal
+    #: units ordered per SKU (empty from publishers older than fulfilment: nothing to reserve)
+    quantities: dict[str, int] = Field(default_factory=dict)
+
+
+class CancelOrder(Command, boundary="orders", natural_key=("order_id",)):
+    """Cancel an order that will not be shipped (sent by fulfilment: no payment in time, or out of stock)."""
+
+    order_id: str = Field(min_length=1)
+    reason: str = Field(min_length=1)
 
 
 class PaymentProcessed(Event, boundary="billing"):
@@ -46,6 +55,41 @@ class PaymentProcessed(Event, boundary="billing"):
     order_id: str
     amount: Decimal
     charge_id: str
+
+
+class RefundPayment(Command, boundary="billing", natural_key=("charge_id",)):
+    """Give a charge back (sent by fulfilment: the order was cancelled after, or before, it was charged)."""
+
+    order_id: str = Field(min_length=1)
+    charge_id: str = Field(min_length=1)
+    amount: Decimal
+
+
+class ReserveStock(Command, boundary="inventory", natural_key=("order_id",)):
+    """Set an order's units aside: all of them, or none (sent by fulfilment when the order is placed)."""
+
+    order_id: str = Field(min_length=1)
+    #: units per SKU
+    quantities: dict[str, PositiveInt]
+
+
+class StockReserved(Event, boundary="inventory"):
+    """Every unit of an order is set aside."""
+
+    order_id: str
+
+
+class OutOfStock(Event, boundary="inventory"):
+    """An order's units could not all be set aside (`skus`: those short); nothing of it is reserved."""
+
+    order_id: str
+    skus: list[str]
+
+
+class ShipOrder(Command, boundary="shipping", natural_key=("order_id",)):
+    """Ship a paid order whose stock is reserved (sent by fulfilment)."""
+
+    order_id: str = Field(min_length=1)
 
 
 class UserAccountCreated(Event, boundary="accounts"):

@@ -12,7 +12,12 @@ from adapters.ports import (
     SmtpMailer,
     failures_for,
 )
-from adapters.repositories import SqlOrderRepository, SqlUserRepository
+from adapters.repositories import (
+    SqlOrderRepository,
+    SqlShipments,
+    SqlStock,
+    SqlUserRepository,
+)
 from project import bus
 
 
@@ -41,3 +46,5 @@ bus.provide("gateway", _gateway)
 bus.provide("mailer", _mailer)
 bus.provide("sms", lambda uow: _maybe_flaky("sms", RecordingSms(RecordingPorts(uow.session))))
 bus.provide("audit", lambda uow: RecordingPorts(uow.session))
+bus.provide("stock", lambda uow: SqlStock(uow.session))
+bus.provide("shipments", lambda uow: SqlShipments(uow.session))

@@ -46,17 +46,23 @@ def test_topology_json_lists_every_command_with_task_queue_boundary_and_handler(
     catalog = {c["task"]: c for c in json.loads(done.stdout)["commands"]}
 
     # Then it lists exactly the command tasks Celery knows, each under the naming rule
-    # task == queue == <boundary>.<snake_command>, with the handler that serves it
+    # task == queue == <boundary>.<snake_command> (a process manager's timeouts:
+    # <boundary>.<manager>.timeout), with the handler that serves it
     tasks = run([sys.executable, "-c", LIST_COMMAND_TASKS], tmp_path)
     assert tasks.returncode == 0, tasks.stderr
     celery_commands = json.loads(tasks.stdout)
     assert set(catalog) == set(celery_commands)
     for task, entry in catalog.items():
-        assert entry["queue"] == task == f"{entry['boundary']}.{snake_case(entry['command'])}"
+        timeout = entry["handler"].startswith("project.process.runtime.TimeoutStep.")
+        manager = entry["handler"].rsplit(".", 1)[1]
+        name = f"{manager}.timeout" if timeout else snake_case(entry["command"])
+        assert entry["queue"] == task == f"{entry['boundary']}.{name}"
         assert {k: entry[k] for k in ("command", "boundary", "handler")} == celery_commands[task]
     # including the reference domain's two commands
     assert catalog["orders.place_order"]["handler"] == "handlers.orders.place_order"
     assert catalog["accounts.register_user"]["handler"] == "handlers.accounts.register_user"
+    # and the fulfilment process manager's timeout command
+    assert catalog["fulfilment.fulfilment.timeout"]["command"] == "FulfilmentTimeout"
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
@@ -142,6 +148,12 @@ def test_demo_from_a_clean_home_reports_executions_duplicates_and_rejections(tmp
     assert summary["duplicates_absorbed"] > 0
     assert summary["rejected_messages"] > 0
     assert summary["commands_sent"] >= summary["handler_executions"] + summary["duplicates_absorbed"]
+    # and fulfilment shipped the happy order, cancelled the timed-out and the out-of-stock ones and refunded both
+    outcomes = {what["meant"]: (what["shipped"], bool(what["cancelled"]), what["refunded"])
+                for what in summary["fulfilment"]["orders"].values()}
+    assert outcomes == {"happy": (True, False, False), "payment timed out": (False, True, True),
+                        "out of stock": (False, True, True)}
+    assert [summary["fulfilment"][n] for n in ("shipments", "cancellations", "refunds")] == [1, 2, 2]
     # and `bus trace` of its first order shows the command, its event, both subscribers (billing
     # after the two failures the demo injects) and billing's PaymentProcessed follow-up
     traced = run([BUS, "trace", summary["first_order"], "--json"], home)
@@ -151,7 +163,8 @@ def test_demo_from_a_clean_home_reports_executions_duplicates_and_rejections(tmp
     [placed] = root["children"]
     runs = {s["name"]: s for s in placed["children"]}
     assert (placed["name"], set(runs)) == ("events.order_placed", {"billing.charge_payment",
-                                                                  "notifications.send_order_confirmation"})
+                                                                  "notifications.send_order_confirmation",
+                                                                  "fulfilment.fulfilment.order_placed"})
     assert (runs["billing.charge_payment"]["state"], runs["billing.charge_payment"]["attempts"]) == ("succeeded", 3)
     assert [e["name"] for e in runs["billing.charge_payment"]["children"]] == ["events.payment_processed"]
     # and leaves no embedded broker running behind it

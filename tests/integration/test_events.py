@@ -36,7 +36,7 @@ import pytest
 from kombu import Connection, Exchange, Queue
 from kombu.exceptions import ChannelError
 from kombu.transport import redis as plain_redis
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 from adapters.orm import audit_log, port_calls
 from project.store.tables import dead_letters, inbox, outbox, utcnow
@@ -61,9 +61,11 @@ CONFIRM = "notifications.send_order_confirmation"
 WELCOME_EMAIL = "notifications.send_welcome_email"
 WELCOME_SMS = "notifications.send_welcome_sms"
 AUDIT = "audit.record_user_created"
-ORDER_SUBSCRIBERS = {CHARGE, CONFIRM}
+#: the fulfilment process manager's step on OrderPlaced (handlers/fulfilment.py)
+FULFIL = "fulfilment.fulfilment.order_placed"
+ORDER_SUBSCRIBERS = {CHARGE, CONFIRM, FULFIL}
 USER_SUBSCRIBERS = {WELCOME_EMAIL, WELCOME_SMS, AUDIT}
-EVERY_BOUNDARY_BUT_BILLING = "orders,accounts,notifications,audit,bus"
+EVERY_BOUNDARY_BUT_BILLING = "orders,accounts,notifications,audit,bus,fulfilment,inventory,shipping"
 ORDER_PLACED_CONTRACT = "handlers.messages.OrderPlaced"
 #: seconds to wait, after the expected effects exist, for effects that must not come
 SETTLE = 1.0
@@ -156,8 +158,9 @@ def audits(scenario: Scenario, subject: str) -> int:
 
 
 def unpublished(scenario: Scenario) -> list[str]:
-    """Ids of the outbox rows nobody has published yet."""
-    return [r.id for r in fetch(scenario, select(outbox.c.id).where(outbox.c.published_at.is_(None)))]
+    """Ids of the outbox rows nobody has published yet, but for timers not due (fulfilment's payment timeouts)."""
+    return [r.id for r in fetch(scenario, select(outbox.c.id).where(
+        outbox.c.published_at.is_(None), or_(outbox.c.due_at.is_(None), outbox.c.due_at <= utcnow())))]
 
 
 def queue_length(scenario: Scenario, queue: str) -> int:
@@ -209,7 +212,7 @@ def test_every_subscriber_gets_every_event_exactly_once(cluster: Scenario, uid: 
     expected = {**{e: {s: 0 for s in ORDER_SUBSCRIBERS} for e in placed.values()},
                 **{e: {s: 0 for s in USER_SUBSCRIBERS} for e in created.values()}}
     cluster.wait_for("every subscriber to handle every event",
-                     lambda: sum(len(deliveries(cluster, e)) for e in expected) == 3 * 2 + 2 * 3)
+                     lambda: sum(len(deliveries(cluster, e)) for e in expected) == 3 * 3 + 2 * 3)
     time.sleep(SETTLE)
     # ... exactly once each (one inbox claim, no duplicate delivery)
     assert {e: deliveries(cluster, e) for e in expected} == expected
@@ -261,13 +264,13 @@ def test_event_published_while_subscriber_is_offline_is_handled_when_it_starts(
     client.get(client.delay(PLACE_ORDER, idempotency_key=f"checkout-{uid}", **order(order_id, customer)))
     event_id = one_event(scenario, ORDER_PLACED, order_id=order_id).id
     scenario.wait_for("the online subscriber to handle the event",
-                      lambda: deliveries(scenario, event_id) == {CONFIRM: 0})
+                      lambda: deliveries(scenario, event_id) == {CONFIRM: 0, FULFIL: 0})
     time.sleep(SETTLE)
 
     # Then billing's copy waits in billing's durable queue, and nothing was charged
     assert queue_length(scenario, CHARGE) == 1
     assert calls(scenario, "gateway", customer) == []
-    assert deliveries(scenario, event_id) == {CONFIRM: 0}
+    assert deliveries(scenario, event_id) == {CONFIRM: 0, FULFIL: 0}
 
     # When a billing worker starts
     billing = start_worker(scenario, request, boundaries=["billing"], name="billing")
@@ -277,7 +280,7 @@ def test_event_published_while_subscriber_is_offline_is_handled_when_it_starts(
     scenario.wait_for("billing's queue to drain", lambda: queue_length(scenario, CHARGE) == 0)
     time.sleep(SETTLE)
     assert len(calls(scenario, "gateway", customer)) == 1
-    assert deliveries(scenario, event_id) == {CONFIRM: 0, CHARGE: 0}
+    assert deliveries(scenario, event_id) == {CONFIRM: 0, CHARGE: 0, FULFIL: 0}
     assert received(billing, CHARGE) == 1
     assert len(calls(scenario, "mail", order_mail(customer))) == 1
 
@@ -373,7 +376,7 @@ def consume_foreign(scenario: Scenario, uid: str, receive: Callable[[Connection,
             scenario.client.delay(PLACE_ORDER, idempotency_key=f"checkout-{uid}", **order(order_id, customer))
             event = scenario.wait_for("OrderPlaced", lambda: events_of(scenario, ORDER_PLACED, order_id=order_id))[0]
             scenario.wait_for("the bus's subscribers to handle it",
-                              lambda: len(deliveries(scenario, event.id)) == 2)
+                              lambda: len(deliveries(scenario, event.id)) == len(ORDER_SUBSCRIBERS))
             messages = receive(conn, queue, 3.0)
         finally:
             queue.delete()
@@ -482,9 +485,9 @@ def test_relay_publishes_events_a_crash_left_in_the_outbox(cluster: Scenario, ev
     assert done.returncode == 0, done.stderr
     assert f"relayed {len(pending)} outbox row(s)" in done.stdout
     # ... and each subscriber handles the event exactly once
-    cluster.wait_for("the subscribers", lambda: len(deliveries(cluster, event_id)) == 2)
+    cluster.wait_for("the subscribers", lambda: len(deliveries(cluster, event_id)) == len(ORDER_SUBSCRIBERS))
     time.sleep(SETTLE)
-    assert deliveries(cluster, event_id) == {CHARGE: 0, CONFIRM: 0}
+    assert deliveries(cluster, event_id) == {CHARGE: 0, CONFIRM: 0, FULFIL: 0}
     assert len(calls(cluster, "gateway", customer)) == 1
     assert len(calls(cluster, "mail", order_mail(customer))) == 1
     assert fetch(cluster, select(outbox.c.published_at).where(outbox.c.id == event_id))[0][0] is not None
@@ -499,7 +502,7 @@ def test_event_published_twice_runs_each_subscriber_once(cluster: Scenario, even
     [event_id] = driver.call("write_event", contract=ORDER_PLACED_CONTRACT, fields=fields,
                              boundary="orders", origin=f"orders.place_order:twice-{uid}")
     assert driver.call("publish_outbox", ids=[event_id]) == 1
-    cluster.wait_for("the first delivery", lambda: deliveries(cluster, event_id) == {CHARGE: 0, CONFIRM: 0})
+    cluster.wait_for("the first delivery", lambda: deliveries(cluster, event_id) == {CHARGE: 0, CONFIRM: 0, FULFIL: 0})
     cluster.wait_for("billing's PaymentProcessed to be published", lambda: [
         r for r in events_of(cluster, PAYMENT_PROCESSED, order_id=order_id) if r.published_at is not None])
 
@@ -513,9 +516,10 @@ def test_event_published_twice_runs_each_subscriber_once(cluster: Scenario, even
     assert driver.call("relay") == len(pending)
 
     # Then both subscribers absorb the second delivery: one charge, one e-mail, one duplicate each
-    cluster.wait_for("the duplicate to be absorbed", lambda: deliveries(cluster, event_id) == {CHARGE: 1, CONFIRM: 1})
+    cluster.wait_for("the duplicate to be absorbed",
+                     lambda: deliveries(cluster, event_id) == {CHARGE: 1, CONFIRM: 1, FULFIL: 1})
     time.sleep(SETTLE)
-    assert deliveries(cluster, event_id) == {CHARGE: 1, CONFIRM: 1}
+    assert deliveries(cluster, event_id) == {CHARGE: 1, CONFIRM: 1, FULFIL: 1}
     assert len(calls(cluster, "gateway", customer)) == 1
     assert len(calls(cluster, "mail", order_mail(customer))) == 1
     assert len(events_of(cluster, PAYMENT_PROCESSED, order_id=order_id)) == 1
@@ -531,15 +535,19 @@ def test_topology_lists_every_event_with_exchange_type_owner_and_subscribers(top
     def subscribers(event: str) -> list[tuple[str, str, str]]:
         return [(s["task"], s["queue"], s["boundary"]) for s in events[event]["subscribers"]]
 
-    assert sorted(events) == ["OrderPlaced", "PaymentProcessed", "UserAccountCreated"]
+    assert sorted(events) == ["OrderPlaced", "OutOfStock", "PaymentProcessed", "StockReserved", "UserAccountCreated"]
     assert {name: (e["exchange"], e["type"], e["owner"]) for name, e in events.items()} == {
         "OrderPlaced": (ORDER_PLACED, "fanout", "orders"),
         "PaymentProcessed": (PAYMENT_PROCESSED, "fanout", "billing"),
         "UserAccountCreated": (USER_CREATED, "fanout", "accounts"),
+        "StockReserved": ("events.stock_reserved", "fanout", "inventory"),
+        "OutOfStock": ("events.out_of_stock", "fanout", "inventory"),
     }
-    assert subscribers("OrderPlaced") == [(CHARGE, CHARGE, "billing"), (CONFIRM, CONFIRM, "notifications")]
+    assert subscribers("OrderPlaced") == [(CHARGE, CHARGE, "billing"), (FULFIL, FULFIL, "fulfilment"),
+                                          (CONFIRM, CONFIRM, "notifications")]
     assert subscribers("UserAccountCreated") == [
         (AUDIT, AUDIT, "audit"), (WELCOME_EMAIL, WELCOME_EMAIL, "notifications"),
         (WELCOME_SMS, WELCOME_SMS, "notifications")]
-    assert subscribers("PaymentProcessed") == []
+    assert subscribers("PaymentProcessed") == [("fulfilment.fulfilment.payment_processed",
+                                                "fulfilment.fulfilment.payment_processed", "fulfilment")]
     assert events["OrderPlaced"]["subscribers"][0]["handler"] == "handlers.billing.charge_payment"

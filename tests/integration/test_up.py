@@ -86,9 +86,12 @@ def test_bus_up_runs_every_process_handles_a_command_and_ctrl_c_stops_them_all(t
         up = Up(["--api-port", str(api), "--flower-port", str(flower)], env)
         try:
             # Then it starts a worker per boundary (the maintenance boundary too), beat, Flower and the API
-            children = up.wait_for("every child to start", lambda: len(up.children()) == 9 and up.children())
-            assert set(children) == {"worker.accounts", "worker.audit", "worker.billing", "worker.bus",
-                                     "worker.notifications", "worker.orders", "beat", "flower", "api"}
+            expected = {"worker.accounts", "worker.audit", "worker.billing", "worker.bus", "worker.fulfilment",
+                        "worker.inventory", "worker.notifications", "worker.orders", "worker.shipping", "beat",
+                        "flower", "api"}
+            children = up.wait_for("every child to start",
+                                   lambda: len(up.children()) == len(expected) and up.children(), timeout=60)
+            assert set(children) == expected
             base = f"http://127.0.0.1:{api}"
             up.wait_for("the API", lambda: answers(f"{base}/openapi.json") == 200)
             # And an order posted to the API is handled by the orders worker

@@ -65,7 +65,8 @@ def test_committed_events_are_in_the_outbox_unpublished(engine):
     rows = outbox_rows(engine)
     assert [r.id for r in rows] == ids and len(set(ids)) == 2
     assert [(r.kind, r.name, r.published_at) for r in rows] == [("event", "events.order_placed", None)] * 2
-    assert rows[0].payload == {"order_id": "o-1", "customer_id": "c-1", "total": "26.99", "_event_id": ids[0]}
+    assert rows[0].payload == {"order_id": "o-1", "customer_id": "c-1", "total": "26.99", "quantities": {},
+                               "_event_id": ids[0]}
 
 
 def test_rolled_back_transaction_leaves_nothing_to_publish(engine):

@@ -45,7 +45,7 @@ def test_placing_an_order_twice_with_one_key_charges_and_thanks_once(bus_harness
     assert bus_harness.outcomes("orders.place_order") == ["ran", "duplicate"]
     # ... one fact was published, and each subscriber handled it once
     assert bus_harness.published(OrderPlaced) == [OrderPlaced(order_id="o-1", customer_id="c-1",
-                                                              total=Decimal("26.99"))]
+                                                              total=Decimal("26.99"), quantities={"book": 2, "pen": 1})]
     assert bus_harness.handled("billing.charge_payment") == 1
     assert bus_harness.handled("notifications.send_order_confirmation") == 1
     assert effects(bus_harness, "gateway") == 1

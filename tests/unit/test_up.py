@@ -31,8 +31,9 @@ def bus_up(*args: str) -> tuple[int, str]:
 
 # ---- bad input: exit 2, saying how to fix it, before anything starts ----------------------
 @pytest.mark.parametrize("args, says", [
-    (["--only", "orders,shipping"], "unknown boundary 'shipping'; choose from accounts, audit, billing, bus, "
-                                    "notifications, orders (comma-separated, e.g. --only orders,billing)"),
+    (["--only", "orders,warehouse"], "unknown boundary 'warehouse'; choose from accounts, audit, billing, bus, "
+                                     "fulfilment, inventory, notifications, orders, shipping (comma-separated, "
+                                     "e.g. --only orders,billing)"),
     (["--only", " , "], "no boundary given; choose from"),
     (["--concurrency", "0"], "'0' is not a number of pool processes; give a whole number ≥ 1 (e.g. --concurrency 2)"),
     (["--concurrency", "two"], "'two' is not a number of pool processes; give a whole number ≥ 1"),

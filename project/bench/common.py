@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 BROKERS = ("embedded", "redis", "amqp")
-PHASES = ("commands", "latency", "fanout", "relay")
+PHASES = ("commands", "latency", "fanout", "relay", "timers", "process")
+#: a run without --phases: timers and process (the bus only, two more workers, 3 x n messages) are asked for
+DEFAULT_PHASES = PHASES[:4]
 DATABASES = ("sqlite", "postgresql")
 #: where the bus's side keeps Celery results: the bus's default for the broker, or its database
 RESULTS = ("default", "database")
@@ -39,7 +41,7 @@ class Options:
     pool: str = "prefork"
     loglevel: str = "info"
     stall: float = 20.0
-    phases: tuple[str, ...] = PHASES
+    phases: tuple[str, ...] = DEFAULT_PHASES
     redis_url: str = "redis://127.0.0.1:6379"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672"
     postgres_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

@@ -100,8 +100,9 @@ class Installation:
         return bare, bus
 
     def worker(self, side: str, *, subscribers: int, queues: list[str], boundaries: list[str],
-               wait: bool = True) -> "Worker":
-        """Start the bare (`side="bare"`) or bus worker of this run (and wait for its ping)."""
+               wait: bool = True, env: dict[str, str] | None = None) -> "Worker":
+        """Start the bare (`side="bare"`) or bus worker of this run (and wait for its ping); `env`: settings of
+        this worker only."""
         o = self.options
         name = f"bench-{side}-{uuid.uuid4().hex[:6]}"
         hostname = f"{name}@{platform.node()}"
@@ -113,7 +114,7 @@ class Installation:
             args += ["--boundary", boundary]
         logfile = self.home / "logs" / f"{name}.log"
         logfile.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.env, "BUS_BENCH_SUBSCRIBERS": str(subscribers)}
+        env = {**os.environ, **self.env, "BUS_BENCH_SUBSCRIBERS": str(subscribers), **(env or {})}
         with open(logfile, "wb") as out:
             process = subprocess.Popen(args, env=env, cwd=self.home, stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
@@ -124,11 +125,11 @@ class Installation:
             worker.process.wait_ready(self.control, timeout=90)
         return worker
 
-    def senders(self, subscribers: int) -> tuple["Sender", "Sender"]:
-        """The bare and the bus sending process (started together), ready."""
+    def senders(self, subscribers: int, sides: tuple[str, ...] = ("bare", "bus")) -> tuple["Sender", ...]:
+        """The sending processes of `sides` (bare, bus; started together), ready."""
         env = {**os.environ, **self.env, "BUS_BENCH_SUBSCRIBERS": str(subscribers)}
         senders = tuple(Sender.start(side, env, self.home, self.home / "logs" / f"sender-{side}-{uuid.uuid4().hex[:6]}.log")
-                        for side in ("bare", "bus"))
+                        for side in sides)
         for sender in senders:
             self.cleanups.append(sender.close)
         for sender in senders:

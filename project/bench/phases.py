@@ -1,7 +1,9 @@
 """The measurements of `bus bench`: one `Bench` drives the phases of a run against one installation.
 
 Throughput is timed from the first send to the last completion, as the worker saw it
-(project/bench/probe.py); bare and bus phases alternate within each repeat.
+(project/bench/probe.py); bare and bus phases alternate within each repeat. The timers
+and process phases have the bus only: bare Celery has neither durable timers nor
+process managers.
 project/bench/peers.py drives dramatiq and FastStream through the same `drain`.
 Every `drain` also reads the CPU its processes spent, from just before the first
 send until the last completion was seen (project/bench/cpu.py): the worker's main
@@ -21,6 +23,8 @@ from project.bench.common import Options
 from project.bench.installation import Installation, Sender, Worker
 
 SUBSCRIBER_QUEUE = "bench_sub.sub_{:03d}"
+#: the timers phase's worker leaves the relay to the timed pass: its own relay thread is off
+NO_RELAY_THREAD = {"BUS_RELAY_INTERVAL": "0"}
 #: the database column of a side that uses none (the peers)
 NO_DATABASE = cpu.Fixed("none", "this side uses no database")
 
@@ -168,3 +172,51 @@ class Bench:
                 bus_sender.call("purge", queues=queues)
                 self.progress.remove_task(task)
         return runs
+
+    def timers(self) -> dict[str, list[dict[str, Any]]]:
+        """N durable timers written due, then one relay pass timed while a bus worker runs them."""
+        o = self.options
+        runs: dict[str, list[dict[str, Any]]] = {"bus": []}
+        with ExitStack() as stack:
+            bus = self.inst.worker("bus", subscribers=0, queues=[], boundaries=["bench"], env=NO_RELAY_THREAD)
+            stack.callback(bus.stop)
+            (sender,) = self.inst.senders(0, sides=("bus",))
+            stack.callback(sender.close)
+            self.warm([(bus, sender)])
+            for r in range(o.repeat):
+                written = sender.call("timers", n=o.n, start=self.next_seq(o.n))
+                figures = self.drain(f"durable timers relayed and run [{r + 1}/{o.repeat}]", bus, sender, 0, o.n,
+                                     {"op": "relay_now"})
+                figures["relayed_per_s"] = figures.pop("send_per_s")  # the relay's publish is this phase's send
+                runs["bus"].append({**written, **figures})
+        return runs
+
+    def process(self, subscriber: bool) -> dict[str, list[dict[str, Any]]]:
+        """N pairs through the process manager `pair` (a starting step, then a handled step, each fed by a bus
+        command publishing one event); with `subscriber`, N events to one plain subscriber too, alternating."""
+        o = self.options
+        runs: dict[str, list[dict[str, Any]]] = {"steps": [], "subscriber": []}
+        with ExitStack() as stack:
+            bus = self.inst.worker("bus", subscribers=1, queues=[], boundaries=["bench", "bench_sub", "bench_pm"])
+            stack.callback(bus.stop)
+            (sender,) = self.inst.senders(1, sides=("bus",))
+            stack.callback(sender.close)
+            self.warm([(bus, sender)])
+            self.pairs("warming up", bus, sender, 4 * o.concurrency)
+            for r in range(o.repeat):
+                tag = f"[{r + 1}/{o.repeat}]"
+                runs["steps"].append(self.pairs(f"process manager steps {tag}", bus, sender, o.n))
+                if subscriber:
+                    runs["subscriber"].append(self.fanout(f"bus subscriber K=1 {tag}", bus, sender, o.n, 1))
+        return runs
+
+    def pairs(self, label: str, worker: Worker, sender: Sender, n: int) -> dict[str, Any]:
+        """`n` instances started, then the same `n` completed: two drains, so that no closing event can
+        overtake its opening one; steps/s over both."""
+        start = self.next_seq(n)
+        opened, closed = (self.drain(f"{label}: {kind}", worker, sender, 1, n,
+                                     {"op": "burst", "kind": kind, "n": n, "start": start})
+                          for kind in ("open", "close"))
+        steps, elapsed = opened["done"] + closed["done"], opened["elapsed_s"] + closed["elapsed_s"]
+        return {"pairs": n, "steps": steps, "failed": opened["failed"] + closed["failed"], "elapsed_s": elapsed,
+                "per_s": steps / elapsed if steps and elapsed > 0 else 0.0, "opened": opened, "closed": closed}

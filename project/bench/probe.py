@@ -4,7 +4,8 @@ Imported by both bench worker apps (project/bench/bare.py for bare Celery and
 project/bench/tasks.py for the bus), so both sides are measured the same way:
 
 - every task that ends in SUCCESS adds one to its slot's count and moves the slot's
-  "last done" wall-clock time forward (slot 1: event deliveries, slot 0: the rest);
+  "last done" wall-clock time forward (slot 1: event deliveries, to subscribers and
+  process manager steps; slot 0: the rest);
   a task that fails counts in its slot's failures, so a stalled phase says why;
 - `started(seq, sent_at)`, called first thing by a latency-measuring handler, keeps
   `now - sent_at` at index `seq`: end-to-end latency from the caller's `.delay()` to
@@ -29,8 +30,8 @@ from celery import signals
 from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 
-#: task names (prefixes) counted in the deliveries slot
-DELIVERY_PREFIXES = ("bench_sub.", "bench_bare.fan")
+#: task names (prefixes) counted in the deliveries slot: subscribers and process manager steps
+DELIVERY_PREFIXES = ("bench_sub.", "bench_pm.", "bench_bare.fan")
 #: latency samples a worker can hold (seq numbers 0 .. LATENCY_SLOTS-1)
 LATENCY_SLOTS = int(os.environ.get("BUS_BENCH_LATENCY_SLOTS", "20000"))
 _FIELDS = 3  # per slot: successes, last success (epoch seconds), failures

@@ -14,7 +14,13 @@ both sides, it measures:
 3. latency at a fixed rate: `.delay()` to handler start, p50/p90/p99, bus and bare;
 4. relay events/s: N events written to the outbox, then `project.messaging.outbox.relay` timed
    (no worker running), for each K;
-5. with --peers, 1 and 2 on dramatiq and FastStream, after the above, against the same
+5. with --phases timers (bus only): N durable timers written already due, then one relay
+   pass timed while a bus worker runs them: timers relayed/s, and run/s from the relay's
+   start to the last one run;
+6. with --phases process (bus only): N pairs through a process manager (a starting step,
+   then a handled step per instance), steps/s beside one plain subscriber's deliveries/s
+   (fan-out K=1 of this run if it ran, else measured in the phase);
+7. with --peers, 1 and 2 on dramatiq and FastStream, after the above, against the same
    broker server (project/bench/peers.py): the bus beside the libraries users would otherwise pick.
 
 Throughput is timed from the first send to the last completion, as the worker saw it
@@ -57,6 +63,7 @@ from project.bench import peers as bench_peers
 from project.bench.common import (
     BROKERS,
     DATABASES,
+    DEFAULT_PHASES,
     PHASES,
     RESULTS,
     BenchError,
@@ -76,6 +83,9 @@ BUS_SETTINGS = ("worker_send_task_events", "task_send_sent_event", "task_track_s
 #: the issue's targets (ratios are bus / bare in the same run)
 TARGETS = {"commands_sqlite": 0.9, "commands_postgresql": 0.7, "fanout_amqp": 0.8,
            "added_p50_ms": 2.0, "added_p99_ms": 10.0, "relay_postgresql": 5000.0}
+#: the bare column of the bus-only figures
+NO_TIMERS = "none: no durable timers"
+NO_PROCESS = "none: no process managers"
 
 
 
@@ -103,10 +113,38 @@ def summarize(options: Options, raw: dict[str, Any]) -> dict[str, Any]:
         relay[str(k)] = {"per_s": median(runs["relay"], "per_s"), "write_per_s":
                          options.n / median(runs["relay"], "write_s") if runs["relay"] else math.nan}
     report = {"commands": commands, "latency": latency, "fanout": fanout, "relay": relay}
+    if raw.get("timers"):
+        report["timers"] = summarize_timers(options, raw["timers"])
+    if raw.get("process"):
+        report["process"] = summarize_process(options, raw["process"], fanout)
     report["targets"] = targets(options, report)
     if raw.get("peers"):
         report["peers"] = bench_peers.summarize(options, raw["peers"], report)
     return report
+
+
+def summarize_timers(options: Options, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Durable timers: relayed/s (rows published / relay wall time) and run/s (relay start to last run)."""
+    bus = runs["bus"]
+    return {"timers": options.n, "relayed_per_s": median(bus, "relayed_per_s"), "run_per_s": median(bus, "per_s"),
+            "write_per_s": options.n / median(bus, "write_s") if bus else math.nan,
+            "run": min(r["done"] / r["expected"] for r in bus) if bus else math.nan, "bare": NO_TIMERS}
+
+
+def summarize_process(options: Options, runs: dict[str, list[dict[str, Any]]],
+                      fanout: dict[str, Any]) -> dict[str, Any]:
+    """Process manager steps/s beside one plain subscriber's deliveries/s: measured in the phase, or fan-out K=1."""
+    steps = runs["steps"]
+    if runs["subscriber"]:
+        subscriber, source = median(runs["subscriber"], "per_s"), "process phase"
+    else:
+        subscriber, source = fanout.get("1", {}).get("bus", math.nan), "fan-out K=1"
+    entry = {"pairs": options.n, "steps_per_s": median(steps, "per_s"), "subscriber_per_s": subscriber,
+             "subscriber_from": source,
+             "completed": min(r["steps"] / (2 * r["pairs"]) for r in steps) if steps else math.nan,
+             "failed": max((r["failed"] for r in steps), default=0), "bare": NO_PROCESS}
+    entry["ratio"] = ratio(entry["steps_per_s"], subscriber)
+    return entry
 
 
 def targets(options: Options, report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -148,6 +186,19 @@ def render(report: dict[str, Any], console: Console) -> None:
                       fmt(f["bus"]), fmt(f["ratio"], 2))
     for k, f in s["relay"].items():
         table.add_row(f"outbox relay K={k}: events/s", "", fmt(f["per_s"]), "")
+    if "timers" in s:
+        t = s["timers"]
+        missed = "" if t["run"] >= 1 else f" ({t['run']:.0%} run)"
+        table.add_row(f"durable timers: relayed/s ({t['timers']} due)", t["bare"], fmt(t["relayed_per_s"]), "")
+        table.add_row("durable timers: run/s, relay start to last run", t["bare"], fmt(t["run_per_s"]) + missed, "")
+    if "process" in s:
+        p = s["process"]
+        missed = "" if p["completed"] >= 1 else f" ({p['completed']:.0%} of steps)"
+        table.add_row(f"process manager: steps/s ({p['pairs']} pairs, 2 steps each)", p["bare"],
+                      fmt(p["steps_per_s"]) + missed, "")
+        table.add_row(f"  beside: 1 subscriber, deliveries/s ({p['subscriber_from']})", "",
+                      fmt(p["subscriber_per_s"]), "")
+        table.add_row("  steps / deliveries", "", fmt(p["ratio"], 2), "")
     console.print(table)
     lat = s["latency"]
     table = Table(title=f"latency, .delay() to handler start, at {lat['rate']:g} msg/s (ms)")
@@ -215,6 +266,11 @@ def run(options: Options, console: Console) -> dict[str, Any]:
             raw["commands"] = bench.commands() if {"commands", "latency"} & set(options.phases) else {}
             for k in options.subscribers if {"fanout", "relay"} & set(options.phases) else []:
                 raw["fanout"][k] = bench.fanouts(k)
+            if "timers" in options.phases:
+                raw["timers"] = bench.timers()
+            if "process" in options.phases:
+                raw["process"] = bench.process(subscriber=not ("fanout" in options.phases
+                                                               and 1 in options.subscribers))
             if options.peers:
                 raw["peers"] = bench_peers.measure(bench)
     except BaseException:
@@ -223,7 +279,8 @@ def run(options: Options, console: Console) -> dict[str, Any]:
     finally:
         inst.close()
     report = {
-        "run": {"broker": options.broker, "db": options.db, "n": options.n, "repeat": options.repeat,
+        "run": {"broker": options.broker, "db": options.db, "phases": list(options.phases), "n": options.n,
+                "repeat": options.repeat,
                 "subscribers": options.subscribers, "latency_n": options.latency_n, "rate": options.rate,
                 "pool": options.pool, "concurrency": options.concurrency, "loglevel": options.loglevel,
                 "prefetch_multiplier": bus_config.worker_prefetch_multiplier,
@@ -291,8 +348,8 @@ def bench(
     loglevel: str = typer.Option("info", "--loglevel", help="Worker log level of both sides."),
     stall: float = typer.Option(20.0, "--stall", min=1, help="Give a phase up after this many seconds without "
                                 "progress (a lossy fan-out reports what arrived)."),
-    phases: str = typer.Option(",".join(PHASES), "--phases", help="Which measurements, a comma list of "
-                               + ", ".join(PHASES) + "."),
+    phases: str = typer.Option(",".join(DEFAULT_PHASES), "--phases", help="Which measurements, a comma list of "
+                               + ", ".join(PHASES) + " (timers and process: the bus only)."),
     peers: bool = typer.Option(False, "--peers", help="Also run the same no-op work and fan-out on dramatiq and "
                                "FastStream, on the same broker (needs the bench extra: pip install 'celery-bus\\[bench]')."),
     results: str = typer.Option("default", "--results", help="Where the bus keeps Celery results: default (Redis "
@@ -309,7 +366,8 @@ def bench(
                                      envvar="BUS_BENCH_POSTGRES_URL",
                                      help="A PostgreSQL database to connect to; the bench creates its own beside it."),
 ) -> None:
-    """Measure the bus against bare Celery on one broker and database: throughput, fan-out, latency, relay."""
+    """Measure the bus against bare Celery on one broker and database: throughput, fan-out, latency, relay
+    (and, asked for, durable timers and process manager steps)."""
     if broker not in BROKERS:
         raise typer.BadParameter(f"use one of {', '.join(BROKERS)}", param_hint="--broker")
     if db not in DATABASES:

@@ -9,11 +9,16 @@ environment `bus bench` gives them.
 Operations (all times are epoch seconds, taken right before the first and after the
 last send):
 - `burst {kind, n, start}`: send `n` messages as fast as one thread can (`kind`:
-  `noop` or `fan`); seq numbers from `start`;
+  `noop`, `fan`, or on the bus `open` / `close`: the pairs' events of the process
+  manager); seq numbers from `start`;
 - `paced {n, rate}`: send `n` no-op messages at `rate`/s, each stamped with its send
   time (latency); seq 0..n-1;
 - `relay {n, batch}` (bus): write `n` events into the outbox (committed, unpublished),
   then time `project.messaging.outbox.relay` publishing them;
+- `timers {n, start, batch}` (bus): write `n` no-op commands into the outbox as durable
+  timers already due (committed, unpublished), seq numbers from `start`;
+- `relay_now {batch}` (bus): one `project.messaging.outbox.relay` pass, timed (`sent`:
+  the rows it published);
 - `purge {queues}`: empty these queues (what the relay left behind).
 """
 from __future__ import annotations
@@ -42,6 +47,7 @@ class Side:
             from project.bench import tasks as bench_tasks
             self.app = app
             self._noop, self._fan = bench_tasks.no_op_task, bench_tasks.publish_one_task
+            self._pair = bench_tasks.advance_pair_task
 
     def noop(self, seq: int, sent_at: float = 0.0) -> None:
         if self.kind == "bare":
@@ -55,9 +61,18 @@ class Side:
         else:
             self._fan.delay(seq=seq, idempotency_key=f"{_RUN}-fan-{seq}")
 
+    def pair(self, seq: int, closing: bool) -> None:
+        """The bus only: the pair `seq`'s opening (or closing) event, published by a command."""
+        self._pair.delay(seq=seq, closing=closing, idempotency_key=f"{_RUN}-pair-{seq}-{closing}")
+
+    def sends(self, kind: str) -> Callable[[int], None]:
+        """How this side sends one message of `kind` (see `burst`)."""
+        return {"noop": self.noop, "fan": self.fan, "open": lambda seq: self.pair(seq, closing=False),
+                "close": lambda seq: self.pair(seq, closing=True)}[kind]
+
 
 def burst(side: Side, kind: str, n: int, start: int = 0) -> dict[str, Any]:
-    send: Callable[[int], None] = side.noop if kind == "noop" else side.fan
+    send = side.sends(kind)
     first = time.time()
     for seq in range(start, start + n):
         send(seq)
@@ -96,6 +111,34 @@ def relay(side: Side, n: int, batch: int = 500) -> dict[str, Any]:
     return {"write_s": written - started, "relay_s": time.time() - written, "published": published}
 
 
+def timers(side: Side, n: int, start: int = 0, batch: int = 500) -> dict[str, Any]:
+    """`n` durable timers of no-op commands, rows as a handler's `commands.send(..., delay=...)` writes them,
+    due now."""
+    from project import bus
+    from project.bench.tasks import NoOp
+    from project.messaging import outbox
+    from project.messaging.sending import body_of
+    from project.store.tables import utcnow
+    from project.store.uow import UnitOfWork
+    started = time.time()
+    for offset in range(start, start + n, batch):
+        with UnitOfWork(bus.engine()) as uow:
+            sink = outbox.OutboxSink(uow.session, "bench", f"timers-{uuid.uuid4().hex}-{offset}")
+            for seq in range(offset, min(start + n, offset + batch)):
+                body, task_id = body_of(NoOp(seq=seq), f"{_RUN}-timer-{seq}")
+                sink.schedule(NoOp.task_name(), body, utcnow(), row_id=task_id)
+            uow.commit()
+    return {"written": n, "write_s": time.time() - started}
+
+
+def relay_now(side: Side, batch: int = 500) -> dict[str, Any]:
+    from project import bus
+    from project.messaging import outbox
+    first = time.time()
+    published = outbox.relay(bus.wiring, batch=batch)
+    return {"first": first, "last": time.time(), "sent": published}
+
+
 def purge(side: Side, queues: list[str]) -> dict[str, Any]:
     from kombu import Queue
     removed = 0
@@ -117,7 +160,8 @@ def warm(side: Side) -> dict[str, Any]:
 
 
 OPS: dict[str, Callable[..., dict[str, Any]]] = {
-    "burst": burst, "paced": paced, "relay": relay, "purge": purge, "warm": warm}
+    "burst": burst, "paced": paced, "relay": relay, "timers": timers, "relay_now": relay_now, "purge": purge,
+    "warm": warm}
 
 
 def serve(make_side: Callable[[], Any], ops: dict[str, Callable[..., dict[str, Any]]]) -> None:

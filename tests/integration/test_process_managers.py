@@ -13,19 +13,26 @@ more at once (as a relay would after a publisher crashed before marking them).
 
 A timeout runs on the same workers: the command `pmlab.parcel.timeout`, which the durable
 timer a step wrote delivers when it is due (here in 2 s: within BUS_TIMER_THRESHOLD, it is
-published at once with Celery's eta).
+published at once with Celery's eta). A timeout FAR away waits in the outbox instead (there
+is no relay): the test makes it due (project/testing/timers.py) and publishes it while
+PartPacked's step holds, i.e. has read the instance and not saved it yet, held until the test
+releases it. The same hold lets the test SIGKILL the pool process running the step.
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 from sqlalchemy import update
 
 from project.store.tables import outbox, utcnow
+from project.testing.timers import due_now
 from tests.integration.conftest import opened
 from tests.integration.support.scenarios import Driver, Scenario
 
@@ -39,6 +46,8 @@ CANCEL = "pmship.cancel_parcel"
 TIMEOUT = "pmlab.parcel.timeout"
 HOLD = 1.0  # seconds each handler holds between its read and its save
 SETTLE = 1.5  # seconds to wait for anything more (a second ShipParcel) once the instance completed
+FAR = 1800.0  # seconds: a timeout past BUS_TIMER_THRESHOLD, which waits in the outbox until the test makes it due
+HELD = 10.0  # seconds a held step waits at most for the test to release it
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +71,24 @@ def instance(lab: Scenario, order_id: str) -> tuple[str, int] | None:
     return tuple(rows[0]) if rows else None
 
 
-def ships_sent(lab: Scenario, order_id: str) -> int:
-    """ShipParcel commands for `order_id` committed to the outbox (every send is a row)."""
-    return sum(1 for (payload,) in lab.rows("SELECT payload FROM bus_outbox WHERE name = :n", n=SHIP)
+def sent(lab: Scenario, order_id: str, command: str = SHIP) -> int:
+    """`command`s (ShipParcel, CancelParcel) for `order_id` committed to the outbox (every send is a row)."""
+    return sum(1 for (payload,) in lab.rows("SELECT payload FROM bus_outbox WHERE name = :n", n=command)
                if payload["order_id"] == order_id)
+
+
+def timer(lab: Scenario, order_id: str) -> tuple[str, bool]:
+    """(id, published) of the order's one timeout timer in the outbox."""
+    [found] = [(row_id, published_at is not None) for row_id, payload, published_at in lab.rows(
+        "SELECT id, payload, published_at FROM bus_outbox WHERE name = :t", t=TIMEOUT)
+        if payload["instance_id"] == order_id]
+    return found
+
+
+def timeout_runs(lab: Scenario, timer_id: str) -> list[tuple[str, int]]:
+    """[(state, attempts)] of the timeout command's execution of the timer `timer_id`."""
+    return [tuple(row) for row in lab.rows("SELECT state, attempts FROM bus_executions WHERE task = :t "
+                                           "AND message_id = :m", t=TIMEOUT, m=timer_id)]
 
 
 def handled(lab: Scenario, order_id: str, what: str = "ship-parcel") -> int:
@@ -77,6 +100,22 @@ def step_runs(lab: Scenario, paid: str, packed: str) -> dict[str, tuple[str, int
     rows = lab.rows("SELECT task, state, attempts FROM bus_executions WHERE event_id IN (:paid, :packed)",
                     paid=paid, packed=packed)
     return {task: (state, attempts) for task, state, attempts in rows}
+
+
+def holds(lab: Scenario, order_id: str, kind: str = "packed") -> list[int]:
+    """The pool processes (pids) whose run of `kind`'s handler for the order held, in start order (their markers)."""
+    marks = [path.name.split(".") for path in (lab.home / "parcels").glob(f"{order_id}.{kind}.*")]
+    return [pid for _, pid in sorted((int(ns), int(pid)) for *_, pid, ns in marks)]
+
+
+def release(lab: Scenario, order_id: str) -> None:
+    """End the holds of the order's steps (those holding now, and any to come)."""
+    (lab.home / "parcels" / f"{order_id}.release").touch()
+
+
+def parent(pid: int) -> int:
+    """The parent process of `pid` (/proc/<pid>/stat: the field after the state)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
 
 def write_event(lab: Scenario, kind: str, **fields) -> str:
@@ -109,7 +148,7 @@ def test_the_awaited_events_at_once_on_two_workers_send_one_command_and_complete
     time.sleep(SETTLE)
     assert instance(lab, order_id) == ("completed", 2)
     # ... exactly one ShipParcel was sent, and handled once
-    assert ships_sent(lab, order_id) == 1
+    assert sent(lab, order_id) == 1
     assert handled(lab, order_id) == 1
     # ... both steps succeeded; the two raced to start the instance and one ran again after its conflict
     runs = step_runs(lab, ids["paid"], ids["packed"])
@@ -128,10 +167,7 @@ def test_a_timeout_due_before_the_last_event_sends_its_command_once_and_the_late
     # Then the timeout's handler sends CancelParcel, handled once, and completes the instance
     lab.wait_for("CancelParcel to be handled", lambda: handled(lab, order_id, "cancel-parcel"), timeout=30)
     assert instance(lab, order_id) == ("completed", 2)
-    [timer] = [row_id for row_id, payload in lab.rows("SELECT id, payload FROM bus_outbox WHERE name = :t", t=TIMEOUT)
-               if payload["instance_id"] == order_id]
-    assert lab.rows("SELECT state, attempts FROM bus_executions WHERE task = :t AND message_id = :m",
-                    t=TIMEOUT, m=timer) == [("succeeded", 1)]
+    assert timeout_runs(lab, timer(lab, order_id)[0]) == [("succeeded", 1)]
     # ... and PartPacked arriving after that is applied as a no-op: nothing shipped, nothing changed
     packed = write_event(lab, "packed", order_id=order_id)
     assert lab.client.call("publish_outbox", ids=[packed]) == 1
@@ -139,3 +175,88 @@ def test_a_timeout_due_before_the_last_event_sends_its_command_once_and_the_late
     time.sleep(SETTLE)
     assert instance(lab, order_id) == ("completed", 2)
     assert handled(lab, order_id, "cancel-parcel") == 1 and handled(lab, order_id) == 0
+
+
+def paid_then_packed_holding(lab: Scenario, order_id: str, **paid_fields) -> tuple[str, str, int]:
+    """PartPaid applied (the instance at version 1), then PartPacked's step holding: it has read the instance,
+    marked it packed and sent ShipParcel, and saved nothing. (PartPaid's id, PartPacked's id, the step's pid)."""
+    paid = write_event(lab, "paid", order_id=order_id, **paid_fields)
+    assert lab.client.call("publish_outbox", ids=[paid]) == 1
+    lab.wait_for("PartPaid to start the instance", lambda: instance(lab, order_id) == ("running", 1), timeout=30)
+    packed = write_event(lab, "packed", order_id=order_id, hold=HELD)
+    assert lab.client.call("publish_outbox", ids=[packed]) == 1
+    [pid] = lab.wait_for("PartPacked's step to hold", lambda: holds(lab, order_id), timeout=30)
+    return paid, packed, pid
+
+
+@pytest.mark.parametrize("winner, command, what, packed_attempts", [
+    pytest.param("timeout", CANCEL, "cancel-parcel", 2, id="timeout-runs-in-the-hold"),
+    pytest.param("event", SHIP, "ship-parcel", 1, id="timeout-runs-after-the-save"),
+])
+def test_a_timeout_due_while_the_last_event_is_handled_sends_one_command_of_the_two(
+        lab: Scenario, winner, command, what, packed_attempts):
+    # Given an order paid, whose timeout "packing" waits in the outbox, and PartPacked's step
+    # holding (it has read version 1, marked the order packed and sent ShipParcel, not saved yet)
+    order_id = f"o-{uuid.uuid4().hex[:10]}"
+    paid, packed, pid = paid_then_packed_holding(lab, order_id, packing_within=FAR)
+    timer_id, published = timer(lab, order_id)
+    assert not published
+    # When the timeout becomes due now
+    due_now(lab.engine(), timer_id)
+    if winner == "timeout":
+        # ... and its command runs (on another pool process) while the step still holds
+        assert lab.client.call("publish_outbox", ids=[timer_id]) == 1
+        lab.wait_for("the timeout to run", lambda: timeout_runs(lab, timer_id), timeout=30)
+        assert STEPS["packed"] not in step_runs(lab, paid, packed), "PartPacked's step ended before the timeout ran"
+        release(lab, order_id)
+    else:
+        # ... but the step saves before its command runs
+        release(lab, order_id)
+        lab.wait_for("PartPacked's step to save", lambda: step_runs(lab, paid, packed).get(STEPS["packed"]),
+                     timeout=30)
+        assert lab.client.call("publish_outbox", ids=[timer_id]) == 1
+        lab.wait_for("the timeout to run", lambda: timeout_runs(lab, timer_id), timeout=30)
+    # Then the winner's command (CancelParcel of the timeout, ShipParcel of the event) is sent and
+    # handled once, the other never, and the instance completes once
+    lab.wait_for(f"{what} to be handled", lambda: handled(lab, order_id, what), timeout=30)
+    lab.wait_for("PartPacked's step to succeed",
+                 lambda: step_runs(lab, paid, packed).get(STEPS["packed"], ("",))[0] == "succeeded", timeout=30)
+    time.sleep(SETTLE)
+    assert instance(lab, order_id) == ("completed", 2)
+    assert {name: sent(lab, order_id, name) for name in (SHIP, CANCEL)} == {SHIP: 0, CANCEL: 0, command: 1}
+    assert {audit: handled(lab, order_id, audit) for audit in ("ship-parcel", "cancel-parcel")} == {
+        "ship-parcel": 0, "cancel-parcel": 0, what: 1}
+    # ... the timeout ran once; the step lost to it ran again after its version conflict and found the
+    # instance completed (without running the handler again), or won at its first attempt
+    assert timeout_runs(lab, timer_id) == [("succeeded", 1)]
+    assert step_runs(lab, paid, packed)[STEPS["packed"]] == ("succeeded", packed_attempts)
+    assert holds(lab, order_id) == [pid]
+
+
+def test_a_pool_process_killed_in_a_step_has_its_event_redelivered_and_applied_once(lab: Scenario):
+    # Given an order paid (the instance at version 1), and PartPacked's step holding in a pool
+    # process (it has read the instance, marked the order packed and sent ShipParcel, committed nothing)
+    order_id = f"o-{uuid.uuid4().hex[:10]}"
+    paid, packed, pid = paid_then_packed_holding(lab, order_id)
+    worker = parent(pid)
+    assert worker != os.getpid(), "the step ran in a worker's main process, not in a pool process"
+    # When that pool process is SIGKILLed (its transaction dies with it)
+    os.kill(pid, signal.SIGKILL)
+    release(lab, order_id)
+    # Then its worker gives the event back at once (acks_late, reject_on_worker_lost), another pool
+    # process of it runs the step again, and the instance completes
+    lab.wait_for("the instance to complete", lambda: instance(lab, order_id) == ("completed", 2), timeout=30)
+    lab.wait_for("ShipParcel to be handled", lambda: handled(lab, order_id), timeout=30)
+    time.sleep(SETTLE)
+    killed, rerun = holds(lab, order_id)
+    assert killed == pid and rerun != pid and parent(rerun) == worker
+    # ... with the event applied once: one version past PartPaid's, one ShipParcel sent and handled
+    assert instance(lab, order_id) == ("completed", 2)
+    [(state,)] = lab.rows("SELECT state FROM bus_process_instances WHERE manager = 'parcel' AND instance_id = :o",
+                          o=order_id)
+    assert state == {"paid": True, "packed": True}
+    assert sent(lab, order_id) == 1 and handled(lab, order_id) == 1
+    # ... its execution succeeded, and nothing of the order was dead-lettered
+    assert step_runs(lab, paid, packed)[STEPS["packed"]][0] == "succeeded"
+    bodies = [bytes(body or b"") for (body,) in lab.rows("SELECT body FROM bus_dead_letters")]
+    assert not [body for body in bodies if order_id.encode() in body]

@@ -505,6 +505,10 @@ def test_event_published_twice_runs_each_subscriber_once(cluster: Scenario, even
     cluster.wait_for("the first delivery", lambda: deliveries(cluster, event_id) == {CHARGE: 0, CONFIRM: 0, FULFIL: 0})
     cluster.wait_for("billing's PaymentProcessed to be published", lambda: [
         r for r in events_of(cluster, PAYMENT_PROCESSED, order_id=order_id) if r.published_at is not None])
+    # ... and the order's fulfilment (out of stock here: cancel and refund) done, all it sent published
+    cluster.wait_for("the order's fulfilment to complete", lambda: [tuple(r) for r in cluster.rows(
+        "SELECT status FROM bus_process_instances WHERE manager = 'fulfilment' AND instance_id = :o",
+        o=order_id)] == [("completed",)] and unpublished(cluster) == [])
 
     # When the row is published again (a crash between publish and mark: once the crashed
     # publisher's claim has expired, the relay re-sends it)

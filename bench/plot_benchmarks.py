@@ -40,8 +40,8 @@ def markdown(reports: list[dict]) -> str:
         out.append(f"| {label(r)} | {r['run']['load_before'].split()[0]} -> {r['run']['load_after'].split()[0]} "
                    f"| {_n(c['bare'])} | {_n(c['bus'])} | {_n(c['ratio'], 2)} | {_n(c['bare_send'])} "
                    f"| {_n(c['bus_send'])} |")
-    out += ["", f"| broker + db | bare p50 | bare p90 | bare p99 | bus p50 | bus p90 | bus p99 | added p50 "
-            f"| added p99 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out += ["", "| broker + db | bare p50 | bare p90 | bare p99 | bus p50 | bus p90 | bus p99 | added p50 "
+            "| added p99 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in reports:
         lat = r["summary"]["latency"]
         out.append(f"| {label(r)} | " + " | ".join(_n(lat[side][p], 1) for side in ("bare", "bus")

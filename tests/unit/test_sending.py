@@ -38,10 +38,16 @@ def place_order(cmd: PlaceOrder) -> dict:
 @pytest.fixture
 def bus(tmp_path: Path) -> Iterator[Bus]:
     """A bus on the in-memory transport, with PlaceOrder bound."""
-    app = Celery(f"unit-{tmp_path.name}", broker="memory://", set_as_current=False)
+    yield from memory_bus(f"unit-{tmp_path.name}", tmp_path, f"sqlite:///{tmp_path}/bus.db")
+
+
+def memory_bus(name: str, home: Path, database_url: str) -> Iterator[Bus]:
+    """The app `name`'s bus on kombu's memory:// transport, its store at `database_url`, PlaceOrder bound;
+    the queue drained before and after, the app closed."""
+    app = Celery(name, broker="memory://", set_as_current=False)
     app.conf.task_routes = ("project.messaging.routing.route_by_name",)
     bus = Bus(app)
-    bus.settings = Settings(home=tmp_path, broker_url="memory://", database_url=f"sqlite:///{tmp_path}/bus.db",
+    bus.settings = Settings(home=home, broker_url="memory://", database_url=database_url,
                             result_backend="", embedded=False)
     bus.place_order = bus.command(PlaceOrder)(place_order)
     drain(bus)  # kombu's memory:// broker is one per process: what another test left there is not ours

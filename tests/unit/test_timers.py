@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
@@ -25,13 +24,12 @@ from project.core import Bus
 from project.errors import ConfigurationError
 from project.messaging import outbox
 from project.messaging.sending import prepare
-from project.settings import Settings
 from project.store import backlog, timers
 from project.store.tables import as_utc, utcnow
 from project.store.tables import outbox as outbox_table
 from project.store.uow import UnitOfWork
 from project.testing.timers import due_now
-from tests.unit.test_sending import FIELDS, drain, place_order
+from tests.unit.test_sending import FIELDS, drain, memory_bus
 from tests.unit.test_settings import celeryconfig
 
 QUEUE = "orders.place_order"
@@ -41,16 +39,7 @@ KEY = "checkout-77"
 @pytest.fixture
 def bus(engine: Engine, tmp_path: Path) -> Iterator[Bus]:
     """A bus on the in-memory transport with PlaceOrder bound, its store the unit `engine`'s database."""
-    app = Celery(f"timers-{tmp_path.name}", broker="memory://", set_as_current=False)
-    app.conf.task_routes = ("project.messaging.routing.route_by_name",)
-    bus = Bus(app)
-    bus.settings = Settings(home=tmp_path, broker_url="memory://", database_url=str(engine.url),
-                            result_backend="", embedded=False)
-    bus.place_order = bus.command(PlaceOrder)(place_order)
-    drain(bus)  # kombu's memory:// broker is one per process: what another test left there is not ours
-    yield bus
-    drain(bus)
-    app.close()
+    yield from memory_bus(f"timers-{tmp_path.name}", tmp_path, str(engine.url))
 
 
 def rows(engine: Engine) -> list:

@@ -11,7 +11,8 @@ harness (project/testing/harness.py) run the same code from here:
 - what a handler publishes goes to the outbox and is handed to the bus's publisher after commit;
   a redelivery that finds its execution committed hands over what that execution left
   unpublished (project/messaging/redispatch.py);
-- a failure the policy retries raises `RetryLater`; one it gives up on is dead-lettered;
+- a failure the policy retries raises `RetryLater`; one it gives up on is dead-lettered; a first
+  attempt's unique-constraint violation (a concurrent transaction took the row) is retried once;
 - every attempt's outcome is logged for `bus trace` (project/store/execution_log.py).
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from project.dead_letters import store as deadletters
 from project.errors import IdempotencyConflict, InvalidMessage
 from project.headers import EVENT_ID
 from project.messaging import redispatch
-from project.messaging.retry import Backoff
+from project.messaging.retry import Backoff, lost_a_write_race
 from project.observe import metrics
 from project.store import batch as batches
 from project.store import execution_log, idempotency, inbox
@@ -250,8 +251,9 @@ class Execution:
 
     def _failure(self, binding, policy: Backoff, exc: Exception, body: dict[str, Any],
                  delivery: Delivery) -> Exception:
-        """What to raise: RetryLater if the policy retries `exc`, else `exc`, dead-lettered."""
-        retry = policy.should_retry(exc, delivery.attempt)
+        """What to raise: RetryLater if the policy retries `exc` (or it lost a write race), else `exc`, dead-lettered."""
+        retry = policy.should_retry(exc, delivery.attempt) or (
+            lost_a_write_race(exc, delivery.attempt) and not isinstance(exc, policy.give_up_on))
         execution_log.failed(self._writes(), binding, delivery, exc, state="retrying" if retry else "dead-lettered",
                      event_id=body.get(EVENT_ID))
         if retry:

@@ -95,6 +95,18 @@ def _names(types: tuple[type[BaseException], ...]) -> list[str]:
     return [f"{t.__module__}.{t.__qualname__}" for t in types]
 
 
+def lost_a_write_race(exc: BaseException, retries: int) -> bool:
+    """True for a unique-constraint violation on a first attempt: retried once, whatever the policy.
+
+    Most often a concurrent transaction committed the same row between the handler's check
+    and its insert (two registrations of one e-mail; on PostgreSQL the insert waits for the
+    other transaction, then fails). Run again, the handler sees that row and refuses as it
+    would have; a second violation is a bug of the handler and goes to the policy.
+    """
+    from sqlalchemy.exc import IntegrityError
+    return retries == 0 and isinstance(exc, IntegrityError)
+
+
 def default_command_policy() -> Backoff:
     """Commands retry only infrastructure failures; a handler bug is dead-lettered at once."""
     return Backoff(max_retries=5, base=0.5, cap=30.0, retry_on=transient_errors())

@@ -206,3 +206,43 @@ def test_wrong_sends_fail_in_the_caller_with_a_hint(cluster: Scenario, how: str,
         cluster.client.call(how, **arguments)
     # Then it gets an error that says what to do instead
     assert expected in raised.value.message
+
+
+#: the race needs a database whose insert waits on another transaction's uncommitted row (SQLite has one writer)
+on_postgresql = pytest.mark.parametrize("cluster", [pytest.param(pair, id=f"{pair[0]}-{pair[1]}")
+                                                    for pair in (("redis", "postgresql"), ("amqp", "postgresql"))],
+                                        indirect=True)
+
+
+def insert_waiting_on_a_lock(cluster: Scenario) -> bool:
+    return bool(cluster.rows("SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                             "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO users%'"))
+
+
+@on_postgresql
+def test_a_registration_that_loses_the_race_for_an_email_is_refused_not_dead_lettered(cluster: Scenario, uid: str):
+    from adapters.orm import users
+    from project.store.tables import utcnow
+    email = f"race-{uid}@example.com"
+    # Given another transaction that registered the e-mail and has not committed yet
+    with cluster.engine().connect() as other:
+        other.execute(users.insert().values(user_id=f"first-{uid}", email=email, name="First", created_at=utcnow()))
+        # When a registration of the same e-mail runs: its check cannot see that row, its INSERT waits on it,
+        refused = cluster.client.delay(REGISTER_USER, user_id=f"second-{uid}", email=email, name="Second")
+        cluster.wait_for("the registration's INSERT to wait on the other transaction",
+                         lambda: insert_waiting_on_a_lock(cluster))
+        # ... and the other transaction commits (the INSERT fails on the unique e-mail)
+        other.commit()
+
+    # Then the registration is refused like any taken e-mail: the refusal reaches the caller and is stored
+    with pytest.raises(RemoteError) as error:
+        cluster.client.get(refused)
+    assert error.value.type == "handlers.accounts.EmailAlreadyRegistered"
+    [(status, error_type)] = cluster.rows("SELECT status, error_type FROM bus_commands WHERE message_id = :m",
+                                          m=refused)
+    assert (status, error_type) == ("failed", "handlers.accounts.EmailAlreadyRegistered")
+    # ... after one retry of the lost race, and nothing was dead-lettered
+    assert cluster.rows("SELECT state, attempts FROM bus_executions WHERE message_id = :m",
+                        m=refused) == [("refused", 2)]
+    assert dead_letters(cluster, refused) == []
+    assert cluster.rows("SELECT user_id FROM users WHERE email = :e", e=email) == [(f"first-{uid}",)]

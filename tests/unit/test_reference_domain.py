@@ -95,6 +95,63 @@ def test_registering_a_taken_email_is_refused_and_publishes_nothing(bus_harness)
     assert [e.user_id for e in bus_harness.published(UserAccountCreated)] == ["u-1"]
 
 
+class CheckedBeforeTheOtherCommitted:
+    """The users port as a transaction sees it when another one registers the same e-mail between the
+    handler's check and its insert: the first `email_taken` answers False (the other had not committed);
+    the insert then meets the other's row, as the database's unique constraint sees it."""
+
+    def __init__(self, users, stale: list[int]) -> None:
+        self.users, self.stale = users, stale
+
+    def email_taken(self, email: str) -> bool:
+        if self.stale[0] > 0:
+            self.stale[0] -= 1
+            return False
+        return self.users.email_taken(email)
+
+    def add(self, user_id: str, email: str, name: str) -> None:
+        self.users.add(user_id, email, name)
+
+
+@pytest.fixture
+def racing_registration(bus_harness):
+    """`stale(n)`: the next n e-mail checks miss a registration another transaction is committing."""
+    original, stale = bus_harness.bus.provider("users"), [0]
+    bus_harness.bus.provide("users", lambda uow: CheckedBeforeTheOtherCommitted(original(uow), stale))
+    yield lambda n: stale.__setitem__(0, n)
+    bus_harness.bus.provide("users", original)
+
+
+def test_a_registration_that_loses_the_race_for_an_email_is_refused_not_dead_lettered(bus_harness,
+                                                                                       racing_registration):
+    # Given a registered user, and a second registration whose check ran before the first one committed
+    bus_harness.send(RegisterUser(user_id="u-1", email="ada@example.com", name="Ada"))
+    bus_harness.run_until_idle()
+    racing_registration(1)
+    # When the second one's insert meets the first one's row (a unique-constraint violation)
+    refused = bus_harness.send(RegisterUser(user_id="u-2", email="ada@example.com", name="Ada B"))
+    bus_harness.run_until_idle()
+    # Then it ran once more, saw the row and was refused like any taken e-mail: stored, not dead-lettered
+    assert bus_harness.outcomes("accounts.register_user") == ["ran", "retried", "refused"]
+    with pytest.raises(EmailAlreadyRegistered):
+        bus_harness.result(refused)
+    assert bus_harness.dead_letters("accounts.register_user") == []
+
+
+def test_a_second_unique_violation_in_a_row_is_a_bug_and_goes_to_the_policy(bus_harness, racing_registration):
+    # Given a registered user, and a check that misses it twice in a row (not a race: a handler bug)
+    bus_harness.send(RegisterUser(user_id="u-1", email="ada@example.com", name="Ada"))
+    bus_harness.run_until_idle()
+    racing_registration(2)
+    # When a second registration of the e-mail is sent
+    bus_harness.send(RegisterUser(user_id="u-2", email="ada@example.com", name="Ada B"))
+    bus_harness.run_until_idle()
+    # Then the one retry of a lost race is spent, and the command policy (no retry of IntegrityError) dead-letters it
+    assert bus_harness.outcomes("accounts.register_user") == ["ran", "retried", "dead-lettered"]
+    [dead] = bus_harness.dead_letters("accounts.register_user")
+    assert dead.reason == "retries-exhausted" and "IntegrityError" in dead.error and "2 attempt(s)" in dead.error
+
+
 def test_the_same_key_with_another_payload_is_a_conflict(bus_harness):
     # Given an order placed with key k
     bus_harness.send(order(customer_id="c-1"), idempotency_key="k")

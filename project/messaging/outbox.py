@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
-from sqlalchemy import ColumnElement, Select, and_, or_, select, update
+from sqlalchemy import ColumnElement, Select, Update, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from project.contracts import Command, Event
@@ -155,8 +155,9 @@ def publish(wiring: "Wiring", ids: list[str]) -> int:
         return 0
     position = {row_id: n for n, row_id in enumerate(ids)}
     now = utcnow()
-    ready = _claimable(now).where(outbox.c.id.in_(ids), publishable(now, lookahead(wiring.app.conf)))
-    return _claim_and_publish(wiring, ready, now, lambda row: position[row.id], among=ids)
+    until = now + CLAIM_TTL
+    return _claim_and_publish(wiring, post_commit_claim(ids, now, until, lookahead(wiring.app.conf)), until,
+                              lambda row: position[row.id])
 
 
 def relay(wiring: "Wiring", batch: int = 500, grace: timedelta = timedelta(0)) -> int:
@@ -184,7 +185,9 @@ def _relay_all(wiring: "Wiring", batch: int, selection: Callable[[datetime], Col
     while True:
         now = utcnow()
         first = _claimable(now).where(selection(now)).order_by(column).limit(batch)
-        count = _claim_and_publish(wiring, first, now, lambda row: getattr(row, column.key))
+        until = now + CLAIM_TTL
+        count = _claim_and_publish(wiring, _claim(first, now, until), until,
+                                   lambda row: getattr(row, column.key))
         total += count
         if count < batch:  # the rest, if any, is claimed by another publisher
             return total
@@ -195,18 +198,26 @@ def _claimable(now: datetime) -> Select:
     return select(outbox.c.id).where(owed(now)).with_for_update(skip_locked=True)
 
 
-def _claim_and_publish(wiring: "Wiring", claimable: Select, now: datetime, order: Callable[[Any], Any],
-                       among: list[str] | None = None) -> int:
-    """Claim the rows of `claimable` (of the ids `among`, if given), publish them in `order`, mark them published;
-    the number published."""
-    until = now + CLAIM_TTL
+def post_commit_claim(ids: list[str], now: datetime, until: datetime, ahead: timedelta) -> Update:
+    """The claim of a committed execution's outbox rows `ids`, those a publisher may hand over now."""
+    ready = _claimable(now).where(outbox.c.id.in_(ids), publishable(now, ahead))
+    return _claim(ready, now, until, among=ids)
+
+
+def _claim(claimable: Select, now: datetime, until: datetime, among: list[str] | None = None) -> Update:
+    """The UPDATE that claims the rows of `claimable` (of the ids `among`, if given) until `until`, returning them."""
     # the outer condition again: PostgreSQL re-checks it on a row a concurrent claim (or cancel) just changed
     claim = update(outbox).where(outbox.c.id.in_(claimable), owed(now))
     if among is not None:
         # the ids on the outer statement too: without them PostgreSQL's generic plan (psycopg prepares a statement
         # run 5 times) scans every owed row (pending timers) and reruns the subquery for each: O(owed ** 2)
         claim = claim.where(outbox.c.id.in_(among))
-    claim = claim.values(claimed_until=until).returning(*outbox.c)
+    return claim.values(claimed_until=until).returning(*outbox.c)
+
+
+def _claim_and_publish(wiring: "Wiring", claim: Update, until: datetime, order: Callable[[Any], Any]) -> int:
+    """Claim rows with the statement `claim` (claims running to `until`), publish them in `order`, mark them
+    published; the number published."""
     engine = wiring.engine()
     with single_statements(engine) as conn:
         rows = sorted(conn.execute(claim).all(), key=order)

@@ -3,7 +3,8 @@
 Retentions (celeryconfig.py, from the environment; `bus purge` can override each):
 - idempotency keys and execution logs: BUS_KEY_RETENTION (30d), the window in which a
   duplicate command is absorbed instead of run;
-- published outbox rows: BUS_OUTBOX_RETENTION (7d); an unpublished row is never purged;
+- published outbox rows, and timers cancelled: BUS_OUTBOX_RETENTION (7d) after their publish
+  or their cancel; a row still owed (unpublished, not cancelled) is never purged;
 - inbox rows: BUS_INBOX_RETENTION (default: the key retention);
 - intake rows: BUS_INTAKE_RETENTION (default: twice the key retention).
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Mapping
 
-from sqlalchemy import ColumnElement, Table, and_, delete, exists, select, tuple_
+from sqlalchemy import ColumnElement, Table, and_, delete, exists, or_, select, tuple_
 from sqlalchemy.engine import Engine
 
 from project.durations import parse_duration
@@ -105,10 +106,12 @@ def check(retention: Retention, redelivery: timedelta, names: Mapping[str, str] 
 def purge(engine: Engine, retention: Retention, *, now: datetime | None = None, batch: int = BATCH) -> dict[str, int]:
     """Delete every bus record past its retention, `batch` rows per transaction; the number per table."""
     now = now or utcnow()
-    owed = exists().where(outbox.c.id == inbox.c.event_id, outbox.c.published_at.is_(None))
+    owed = exists().where(outbox.c.id == inbox.c.event_id, outbox.c.published_at.is_(None),
+                          outbox.c.cancelled_at.is_(None))
+    done = or_(outbox.c.published_at < now - retention.outbox, outbox.c.cancelled_at < now - retention.outbox)
     claimed = exists().where(commands.c.task == intake.c.task, commands.c.key == intake.c.key)
     purged = {**purge_keys(engine, now - retention.keys, batch=batch),
-              "outbox": _in_batches(engine, outbox, outbox.c.published_at < now - retention.outbox, batch),
+              "outbox": _in_batches(engine, outbox, done, batch),
               "inbox": _in_batches(engine, inbox, and_(inbox.c.processed_at < now - retention.inbox, ~owed), batch),
               "intake": _in_batches(engine, intake, and_(intake.c.accepted_at < now - retention.intake, ~claimed),
                                     batch)}

@@ -65,6 +65,19 @@ def test_published_outbox_rows_past_their_retention_go_unpublished_ones_never(en
     assert ids(engine, outbox.c.id) == {"young", "owed", "owed-new"}
 
 
+def test_cancelled_timers_go_a_retention_after_their_cancel_pending_ones_never(engine: Engine):
+    # Given timers cancelled 8 and 6 days ago, and a timer due in a year (all written 100 days ago)
+    def timer(row_id: str, cancelled_days_ago: float | None) -> dict[str, Any]:
+        return {**outbox_row(row_id, None), "kind": "command", "name": "orders.cancel_order", "due_at": ago(-365),
+                "cancelled_at": None if cancelled_days_ago is None else ago(cancelled_days_ago)}
+    add(engine, outbox, timer("cancelled-old", 8), timer("cancelled-young", 6), timer("pending", None))
+    # When the bus's tables are purged (outbox rows are kept 7 days after their publish or cancel)
+    purged = retention.purge(engine, RETENTION)
+    # Then only the timer cancelled 8 days ago is gone; a pending timer is never purged, however old
+    assert purged["outbox"] == 1
+    assert ids(engine, outbox.c.id) == {"cancelled-young", "pending"}
+
+
 def test_inbox_rows_past_their_retention_go_unless_their_event_awaits_the_relay(engine: Engine):
     # Given inbox rows 31 days old (one of an event whose outbox row is still unpublished) and 29 days old
     add(engine, outbox, outbox_row("e-owed", None), outbox_row("e-sent", 31))

@@ -6,6 +6,7 @@ or a running worker.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -52,27 +53,52 @@ def _outputs(entry: dict) -> str:
     return ", ".join([*entry.get("publishes", ()), *entry.get("sends", ())]) or "-"
 
 
-def trace(correlation_id: str = typer.Argument(..., help="The conversation: the id of the message that began it."),
+def trace(correlation_id: str = typer.Argument(..., metavar="ID", help=(
+              "The conversation: the id of the message that began it; or a process-manager instance's id "
+              "(its correlation value, e.g. an order id).")),
           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Print a conversation as a tree: command -> events -> subscriber runs -> what they sent."""
+    """Print a conversation as a tree: command -> events -> subscriber runs -> what they sent; or the history of
+    the process-manager instances of that id."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from project.observe.trace import conversation, render
     bus = loaded_bus()
     try:
         found = conversation(bus.engine(), bus.topology, correlation_id)
+        processes = _instances(bus, correlation_id)
     except SQLAlchemyError as exc:
         typer.echo(f"cannot read the bus database at {redact(bus.settings.database_url)}: "
                    f"{str(exc.orig if hasattr(exc, 'orig') else exc).splitlines()[0]}. Check BUS_DATABASE_URL, "
                    f"and that the schema is current: bus db upgrade", err=True)
         raise typer.Exit(1) from None
-    if found is None:
+    if found is None and not processes:
         typer.echo(f"no conversation {correlation_id!r} in the bus's records: no command, execution, outbox row, "
-                   f"intake or dead letter carries it. Pass the id of the message that began it (the task id "
-                   f"of the first command, or the bus_correlation_id header); records older than "
-                   f"BUS_KEY_RETENTION are purged.", err=True)
+                   f"intake or dead letter carries it, and no process-manager instance has that id. Pass the id of "
+                   f"the message that began it (the task id of the first command, or the bus_correlation_id "
+                   f"header), or an instance's id (`bus process list`); records older than BUS_KEY_RETENTION are "
+                   f"purged.", err=True)
         raise typer.Exit(1)
     if as_json:
-        typer.echo(json.dumps(found.to_dict(), indent=2, default=str))
+        from project.cli.process import instance_json
+        shown = found.to_dict() if found is not None else {}
+        if processes:
+            shown["process_instances"] = [instance_json(bus.engine(), declared, instance)
+                                          for declared, instance in processes]
+        typer.echo(json.dumps(shown, indent=2, default=str))
         return
-    console.print(render(found))
+    if found is not None:
+        console.print(render(found))
+    from project.cli.process import print_instance
+    for declared, instance in processes:
+        print_instance(bus.engine(), declared, instance)
+
+
+def _instances(bus: Any, instance_id: str) -> list[tuple[Any, Any]]:
+    """(manager, instance) for every process manager with an instance of this id."""
+    found = []
+    with bus.engine().connect() as conn:
+        for _, declared in sorted(bus.process_managers.items()):
+            instance = declared.instance(conn, instance_id)
+            if instance is not None:
+                found.append((declared, instance))
+    return found

@@ -61,8 +61,6 @@ def show(manager: str = typer.Argument(..., help="The process manager (`bus proc
          instance_id: str = typer.Argument(..., metavar="INSTANCE_ID", help="The instance: its correlation value."),
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show one instance: status, version, pending timeouts, state and history."""
-    from project.observe.processes import history, timers
-    from project.store.tables import utcnow
     declared = _manager(manager)
     engine = database_engine()
     with engine.connect() as conn:
@@ -71,14 +69,26 @@ def show(manager: str = typer.Argument(..., help="The process manager (`bus proc
         errors.print(f"{manager} has no instance {instance_id!r}: it never started, or it is another manager's; "
                      f"`bus process list --manager {manager}` shows its instances", highlight=False)
         raise typer.Exit(1)
-    pending, steps = timers(engine, instance), history(engine, declared, instance)
     if as_json:
-        typer.echo(json.dumps({**_row(instance), "state": instance.state.model_dump(mode="json"),
-                               "timers": pending,
-                               "history": [vars(step) for step in steps]}, indent=2, default=str))
+        typer.echo(json.dumps(instance_json(engine, declared, instance), indent=2, default=str))
         return
+    print_instance(engine, declared, instance)
+
+
+def instance_json(engine: Any, declared: Any, instance: Any) -> dict[str, Any]:
+    """One instance as `bus process show --json` and `bus trace <instance id> --json` print it."""
+    from project.observe.processes import history, timers
+    return {**_row(instance), "state": instance.state.model_dump(mode="json"), "timers": timers(engine, instance),
+            "history": [vars(step) for step in history(engine, declared, instance)]}
+
+
+def print_instance(engine: Any, declared: Any, instance: Any) -> None:
+    """One instance as `bus process show` and `bus trace <instance id>` print it: status, timeouts, state, history."""
+    from project.observe.processes import history, timers
+    from project.store.tables import utcnow
+    pending, steps = timers(engine, instance), history(engine, declared, instance)
     now = utcnow()
-    console.print(f"{manager} {instance_id}: {instance.status}, version {instance.version}, started "
+    console.print(f"{instance.manager} {instance.instance_id}: {instance.status}, version {instance.version}, started "
                   f"{instance.started_at:%Y-%m-%d %H:%M:%S}, updated {instance.updated_at:%Y-%m-%d %H:%M:%S}"
                   + (f", completed {instance.completed_at:%Y-%m-%d %H:%M:%S}" if instance.completed_at else ""),
                   highlight=False)

@@ -8,7 +8,8 @@ so the message is read back from the outbox (an event's row, a timer's row) and 
 instance id computed with the manager's own correlation. Hence what it cannot show: a
 step whose event did not pass through this database's outbox (published by another
 service), and anything whose execution log or outbox row was purged (BUS_KEY_RETENTION,
-BUS_OUTBOX_RETENTION). `bus trace <correlation id>` shows a step's whole conversation.
+BUS_OUTBOX_RETENTION). `bus trace <correlation id>` shows a step's whole conversation;
+`bus trace <instance id>` shows the instances of that id of every manager.
 """
 from __future__ import annotations
 
@@ -46,10 +47,13 @@ class Step:
 
 
 def instances(engine: Engine, manager: str | None = None, status: str | None = None,
-              limit: int | None = None) -> list[Instance]:
-    """Stored instances (of `manager`, with `status`), the most recently changed first; states as stored JSON."""
+              limit: int | None = None, instance_id: str | None = None) -> list[Instance]:
+    """Stored instances (of `manager`, with `status`, of that id), the most recently changed first; states as
+    stored JSON."""
     query = select(process_instances).order_by(process_instances.c.updated_at.desc(),
                                                process_instances.c.instance_id)
+    if instance_id is not None:
+        query = query.where(process_instances.c.instance_id == instance_id)
     if manager is not None:
         query = query.where(process_instances.c.manager == manager)
     if status is not None:

@@ -93,3 +93,24 @@ def test_an_unknown_instance_is_status_1_naming_how_to_find_one(flows):
     assert done.exit_code == 1
     assert "fulfilment has no instance 'o-missing'" in done.output
     assert "bus process list --manager fulfilment" in " ".join(done.output.split())
+
+
+def test_trace_of_an_instance_id_shows_that_instance_and_its_history(flows):
+    # When `bus trace` is given the waiting order's id (no message began a conversation with that id)
+    shown = CliRunner().invoke(cli, ["trace", "o-waiting", "--json"], env=flows)
+    text = CliRunner().invoke(cli, ["trace", "o-waiting"], env=flows)
+    # Then it shows the fulfilment instance of that id as `bus process show` does: state, timeout, steps
+    assert shown.exit_code == 0, shown.output
+    [instance] = json.loads(shown.output)["process_instances"]
+    assert (instance["manager"], instance["instance_id"], instance["status"]) == ("fulfilment", "o-waiting", "running")
+    assert list(instance["timers"]) == ["payment"]
+    assert [step["message"] for step in instance["history"]] == ["OrderPlaced", "StockReserved"]
+    assert text.exit_code == 0 and "fulfilment o-waiting: running" in text.output
+    assert "pending timeout payment" in text.output and "history: 2 step(s)" in text.output
+
+
+def test_trace_of_an_id_that_is_neither_a_conversation_nor_an_instance_says_both(flows):
+    done = CliRunner().invoke(cli, ["trace", "o-missing"], env=flows)
+    assert done.exit_code == 1
+    said = " ".join(done.output.split())
+    assert "no process-manager instance has that id" in said and "bus process list" in said

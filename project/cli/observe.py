@@ -79,7 +79,7 @@ def trace(correlation_id: str = typer.Argument(..., metavar="ID", help=(
                    f"purged.", err=True)
         raise typer.Exit(1)
     if as_json:
-        from project.cli.process import instance_json
+        from project.cli.instances import instance_json
         shown = found.to_dict() if found is not None else {}
         if processes:
             shown["process_instances"] = [instance_json(bus.engine(), declared, instance)
@@ -88,7 +88,7 @@ def trace(correlation_id: str = typer.Argument(..., metavar="ID", help=(
         return
     if found is not None:
         console.print(render(found))
-    from project.cli.process import print_instance
+    from project.cli.instances import print_instance
     for declared, instance in processes:
         print_instance(bus.engine(), declared, instance)
 

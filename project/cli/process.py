@@ -16,7 +16,8 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from project.cli.common import ago, console, database_engine, errors, fail, loaded_bus
+from project.cli.common import console, database_engine, errors, fail, loaded_bus
+from project.cli.instances import instance_json, print_instance, row
 
 process_cli = typer.Typer(help="Process managers: their instances, histories and state diagrams.",
                           no_args_is_help=True)
@@ -45,7 +46,7 @@ def list_(manager: Optional[str] = typer.Option(None, "--manager", help="Only th
         _manager(manager)
     found = instances(database_engine(), manager, status, limit)
     if as_json:
-        typer.echo(json.dumps([_row(i) for i in found], indent=2, default=str))
+        typer.echo(json.dumps([row(i) for i in found], indent=2, default=str))
         return
     table = Table(title=f"{len(found)} instance(s)")
     for column in ("manager", "instance", "status", "version", "pending timeouts", "updated"):
@@ -75,49 +76,8 @@ def show(manager: str = typer.Argument(..., help="The process manager (`bus proc
     print_instance(engine, declared, instance)
 
 
-def instance_json(engine: Any, declared: Any, instance: Any) -> dict[str, Any]:
-    """One instance as `bus process show --json` and `bus trace <instance id> --json` print it."""
-    from project.observe.processes import history, timers
-    return {**_row(instance), "state": instance.state.model_dump(mode="json"), "timers": timers(engine, instance),
-            "history": [vars(step) for step in history(engine, declared, instance)]}
-
-
-def print_instance(engine: Any, declared: Any, instance: Any) -> None:
-    """One instance as `bus process show` and `bus trace <instance id>` print it: status, timeouts, state, history."""
-    from project.observe.processes import history, timers
-    from project.store.tables import utcnow
-    pending, steps = timers(engine, instance), history(engine, declared, instance)
-    now = utcnow()
-    console.print(f"{instance.manager} {instance.instance_id}: {instance.status}, version {instance.version}, started "
-                  f"{instance.started_at:%Y-%m-%d %H:%M:%S}, updated {instance.updated_at:%Y-%m-%d %H:%M:%S}"
-                  + (f", completed {instance.completed_at:%Y-%m-%d %H:%M:%S}" if instance.completed_at else ""),
-                  highlight=False)
-    for name, timer in sorted(pending.items()):
-        when = timer["due_at"]
-        console.print(f"pending timeout {name}: timer {timer['timer_id']}, "
-                      + ("not in the outbox (purged?)" if when is None else
-                         f"due {when:%Y-%m-%d %H:%M:%S} ({'in ' + ago(when - now) if when > now else 'due now'}"
-                         f"{', published: its delivery is on the way' if timer['published'] else ''})"),
-                      highlight=False)
-    console.print(f"state: {instance.state.model_dump_json()}", highlight=False)
-    table = Table(title=f"history: {len(steps)} step(s) in the execution log")
-    for column in ("started", "message", "task", "state", "attempts", "trace"):
-        table.add_column(column, overflow="fold")
-    for step in steps:
-        table.add_row(f"{step.started_at:%Y-%m-%d %H:%M:%S}", step.message, step.task, step.state,
-                      str(step.attempts), f"bus trace {step.correlation_id}" if step.correlation_id else "-")
-    console.print(table)
-
-
 @process_cli.command()
 def diagram(manager: str = typer.Argument(..., help="The process manager.")) -> None:
     """Print the manager's Mermaid state diagram, drawn from its declaration and its handlers' source."""
     from project.observe.process_diagram import state_diagram
     typer.echo(state_diagram(_manager(manager)), nl=False)
-
-
-def _row(instance: Any) -> dict[str, Any]:
-    return {"manager": instance.manager, "instance_id": instance.instance_id, "status": instance.status,
-            "version": instance.version, "pending_timeouts": sorted(instance.timers),
-            "started_at": instance.started_at, "updated_at": instance.updated_at,
-            "completed_at": instance.completed_at}

@@ -51,7 +51,7 @@ from project.messaging.timers import lookahead, seconds_of
 from project.messaging.topology import Topology, event_exchange, named_command_queue
 from project.store.engine import single_statements
 from project.store.tables import as_utc, outbox, utcnow
-from project.store.timers import owed
+from project.store.timers import command_row, owed
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -115,9 +115,12 @@ class OutboxSink:
 
     def _write(self, row_id: str, kind: str, name: str, payload: dict[str, Any],
                due_at: datetime | None = None) -> None:
-        self.session.execute(outbox.insert().values(
-            id=row_id, kind=kind, name=name, payload=payload, created_at=utcnow(), due_at=due_at,
-            correlation_id=self.correlation_id, causation_id=self.causation_id))
+        row = {"id": row_id, "kind": kind, "name": name, "payload": payload, "created_at": utcnow(),
+               "due_at": due_at, "correlation_id": self.correlation_id, "causation_id": self.causation_id}
+        if kind == "command":  # its id is its task id: the same command sent before is one message with it
+            self.session.execute(command_row(self.session.bind.dialect.name, row))
+        else:
+            self.session.execute(outbox.insert().values(**row))
         self.written.append(row_id)
 
 

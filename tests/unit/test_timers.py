@@ -215,6 +215,59 @@ def test_a_handlers_delays_become_due_times_and_the_publish_after_commit_leaves_
     assert {m["body"][1]["order_id"] for m in drain(bus)} == {"now", "soon"}
 
 
+def handler_sends(engine: Engine, delay: timedelta | None = None) -> list[str]:
+    """A handler's execution that sends the caller's command (same key, same payload) with `delay`; what it wrote."""
+    with UnitOfWork(engine) as uow:
+        sink = outbox.OutboxSink(uow.session, "orders", "billing.charge_payment:e-1")
+        sink.send(PlaceOrder(**FIELDS), idempotency_key=KEY, delay=delay)
+        uow.commit()
+    return sink.written
+
+
+def test_a_handler_sending_the_command_of_a_pending_timer_now_makes_that_one_message_due_now(bus, engine):
+    # Given a caller's command two hours ahead (a timer under the key's task id)
+    timer = bus.send(PlaceOrder(**FIELDS), idempotency_key=KEY, countdown=7200).id
+    # When a handler sends the same command (key and payload) at once
+    written = handler_sends(engine)
+    # Then its execution committed (no duplicate-key error), and the two sends are one row, due now,
+    [row] = rows(engine)
+    assert written == [timer] == [row.id] and row.due_at is None
+    # ... published once after the handler's commit; the relay finds nothing more
+    assert outbox.publish(bus.wiring, written) == 1 and outbox.relay(bus.wiring) == 0
+    assert [m["headers"]["id"] for m in drain(bus)] == [timer]
+
+
+def test_a_handler_sending_it_later_than_the_pending_timer_keeps_the_earlier_time(bus, engine):
+    # Given a caller's command two hours ahead, When a handler sends the same command three hours ahead
+    bus.send(PlaceOrder(**FIELDS), idempotency_key=KEY, countdown=7200)
+    handler_sends(engine, delay=timedelta(hours=3))
+    # Then it is one timer, still due in two hours
+    [row] = rows(engine)
+    assert round((as_utc(row.due_at) - utcnow()).total_seconds() / 60) == 120
+
+
+def test_a_handler_sending_the_command_of_a_cancelled_timer_sends_it(bus, engine):
+    # Given a caller's command two hours ahead, cancelled
+    timer = bus.send(PlaceOrder(**FIELDS), idempotency_key=KEY, countdown=7200).id
+    assert timers.cancel(engine, timer) is timers.Cancel.CANCELLED
+    # When a handler sends the same command at once, Then it goes out: the cancel was of the earlier send
+    assert outbox.publish(bus.wiring, handler_sends(engine)) == 1
+    assert state(engine, timer) == (True, False)
+
+
+def test_a_handler_sending_a_command_already_published_leaves_it_to_the_claim(bus, engine):
+    # Given a command a handler sent and the worker published
+    assert outbox.publish(bus.wiring, handler_sends(engine)) == 1
+    drain(bus)
+    [before] = rows(engine)
+    # When another execution sends the same command (key and payload)
+    written = handler_sends(engine)
+    # Then that execution commits, the row is as it was and nothing is published again (a redelivery would be
+    # absorbed by the command's claim all the same)
+    assert rows(engine) == [before]
+    assert outbox.publish(bus.wiring, written) == 0 and drain(bus) == []
+
+
 @pytest.mark.parametrize("delay, error", [
     (-1, "a delay of -1 is negative; give 0 or more (0: at once)"),
     ("5m", "a delay is a timedelta or seconds, got '5m': e.g. timedelta(minutes=5) or 300"),

@@ -55,7 +55,7 @@ class Batcher:
         check_visibility(consumer.app, cap)
         self.consumer, self.cap, self.handle = consumer, cap, consumer.on_task_request
         self.waiting: deque = deque()
-        self.running = 0  # batch jobs in the pool
+        self.jobs: set[int] = set()  # the pool's job ids of our batches that have not called back
         self.scheduled = False
         logger.info("batched execution: up to %d deliveries per pool job, in one transaction (BUS_BATCH_MAX)", cap)
 
@@ -65,11 +65,27 @@ class Batcher:
         self.waiting.append(request)
         self._schedule()
 
+    @property
+    def running(self) -> int:
+        """Batch jobs in the pool."""
+        return len(self.jobs)
+
     def drop_waiting(self) -> None:
         """Forget the waiting requests: their channel closed (their acks would fail; the broker redelivers them)."""
         if self.waiting:
             logger.info("batch: dropping %d waiting request(s) of a closed channel", len(self.waiting))
         self.waiting.clear()
+
+    def forget_discarded(self, cache: Any) -> None:
+        """After the pool's flush of a closed channel: forget our jobs it discarded from its `cache` (a job no
+        process had accepted is dropped without a callback; the broker redelivers its messages). Counted as
+        running, they would keep the batcher from ever handing the pool another batch."""
+        lost = {job for job in self.jobs if job not in cache}
+        if lost:
+            logger.info("batch: %d batch job(s) discarded by the pool's flush; their messages are redelivered",
+                        len(lost))
+            self.jobs -= lost
+        self._schedule()
 
     def _schedule(self) -> None:
         if not self.scheduled and self.waiting and self.running < self._processes():
@@ -99,25 +115,24 @@ class Batcher:
         app = self.consumer.app
         trace = fast_trace_task if app.use_fast_trace_task else trace_task_ret
         items = [(r.type, r.id, r.request_dict, r.body, r.content_type, r.content_encoding) for r in requests]
-        self.running += 1
-        try:
-            result = self.consumer.pool.apply_async(
-                run_batch, args=(trace, items),
-                accept_callback=_fan(requests, "on_accepted"),
-                callback=self._done(requests, "on_success"),
-                error_callback=self._done(requests, "on_failure"),
-                correlation_id=requests[0].id,
-            )
-        except BaseException:
-            self.running -= 1
-            raise
+        job: list[int] = []  # its id, once the pool has given it one
+        result = self.consumer.pool.apply_async(
+            run_batch, args=(trace, items),
+            accept_callback=_fan(requests, "on_accepted"),
+            callback=self._done(requests, "on_success", job),
+            error_callback=self._done(requests, "on_failure", job),
+            correlation_id=requests[0].id,
+        )
+        job.append(result._job)
+        if not result.ready():  # (a job that already called back is done)
+            self.jobs.add(result._job)
         for request in requests:
             request._apply_result = maybe(ref, result)
 
-    def _done(self, requests: list[Any], method: str) -> Callable[[Any], None]:
+    def _done(self, requests: list[Any], method: str, job: list[int]) -> Callable[[Any], None]:
         """The job's callback: each request's own `method`, then the next flush."""
         def done(value: Any, **kwargs: Any) -> None:
-            self.running -= 1
+            self.jobs.difference_update(job)
             try:
                 if method == "on_success":
                     for request, outcome in zip(requests, value):

@@ -36,10 +36,13 @@ class BusConsumer(Consumer):
             self.on_task_request = Batcher(self, cap)
 
     def on_close(self) -> None:
-        drop = getattr(self.on_task_request, "drop_waiting", None)  # a Batcher's requests of the closed channel
-        if drop is not None:
-            drop()
-        super().on_close()
+        batcher = self.on_task_request if hasattr(self.on_task_request, "drop_waiting") else None
+        if batcher is not None:
+            batcher.drop_waiting()  # its requests of the closed channel
+        super().on_close()  # flushes the pool, which discards the jobs no process accepted
+        cache = getattr(getattr(self.pool, "_pool", None), "_cache", None)
+        if batcher is not None and cache is not None:
+            batcher.forget_discarded(cache)
 
     def create_task_handler(self, promise=promise):
         handle = super().create_task_handler(promise)

@@ -158,3 +158,34 @@ def test_a_pool_process_killed_after_its_batch_committed_has_the_batch_redeliver
     # ... and the event left in the outbox was published by the redelivery
     lab.wait_for("the event published", lambda: lab.rows(
         "SELECT count(*) FROM bus_outbox WHERE causation_id = :m AND published_at IS NOT NULL", m=sent[-1]) == [(1,)])
+
+
+def load_faults():
+    """bench/faults.py, for its broker outage (it is a script, not a package module)."""
+    import importlib.util
+
+    from tests.conftest import REPO
+    spec = importlib.util.spec_from_file_location("faults", REPO / "bench" / "faults.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("lab", ["sqlite"], indirect=True)
+def test_broker_connections_cut_while_batches_run_and_wait_lose_nothing_and_the_worker_goes_on(
+        lab: Scenario, run_id: str):
+    # Given both pool processes running a held batch, and 30 commands waiting or on their way
+    held = occupy(lab, run_id, hold=3.0)
+    jobs = [f"{run_id}-cut-{n}" for n in range(30)]
+    sent = [lab.client.delay(NOTE, job_id=job) for job in jobs]
+    # When every connection of the run to Redis is killed (the worker's consumer closes its channel: its
+    # waiting requests are dropped and the pool flushed, and it reconnects)
+    said = load_faults().broker_outage(lab)
+    assert not said.startswith("0 "), said
+    # Then every command still runs, once, and the worker goes on taking batches afterwards
+    assert [lab.client.get(task_id, timeout=60)["job_id"] for task_id in sent] == jobs
+    for task_id in held:
+        lab.client.get(task_id, timeout=60)
+    assert all(audits(lab, job) == 1 for job in jobs)
+    after = [f"{run_id}-after-{n}" for n in range(10)]
+    assert [lab.client.get(lab.client.delay(NOTE, job_id=job), timeout=30)["job_id"] for job in after] == after

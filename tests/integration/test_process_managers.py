@@ -233,6 +233,41 @@ def test_a_timeout_due_while_the_last_event_is_handled_sends_one_command_of_the_
     assert holds(lab, order_id) == [pid]
 
 
+RACES = 3  # orders whose timeout and last event are let go at one instant
+
+
+def test_a_timeout_and_the_last_event_let_go_at_one_instant_send_exactly_one_command_of_the_two(lab: Scenario):
+    """The two tests above order the race; here nothing does: the step is released (it polls every 50 ms) and
+    the timeout published at one instant, each after a random 0-150 ms, so either may read the instance first."""
+    import random
+
+    from tests.together import at_one_instant
+    winners = {}
+    for n in range(RACES):
+        # Given an order paid whose timeout "packing" is due now, and PartPacked's step holding
+        order_id = f"o-race{n}-{uuid.uuid4().hex[:8]}"
+        paid, packed, _ = paid_then_packed_holding(lab, order_id, packing_within=FAR)
+        timer_id, _ = timer(lab, order_id)
+        due_now(lab.engine(), timer_id)
+        # When the timeout is published and the step let go at one instant
+        lags = [random.uniform(0, 0.15), random.uniform(0, 0.15)]
+        at_one_instant(2, lambda who: (time.sleep(lags[who]), lab.client.call("publish_outbox", ids=[timer_id])
+                                       if who == 0 else release(lab, order_id)))
+        # Then the instance completes once, with exactly one of ShipParcel and CancelParcel sent and handled
+        lab.wait_for("the instance to complete", lambda: instance(lab, order_id) == ("completed", 2), timeout=30)
+        lab.wait_for("the timeout and the step to finish", lambda: timeout_runs(lab, timer_id) and step_runs(
+            lab, paid, packed).get(STEPS["packed"], ("",))[0] == "succeeded", timeout=30)
+        lab.wait_for("the winner's command to be handled", lambda: handled(lab, order_id, "ship-parcel")
+                     + handled(lab, order_id, "cancel-parcel"), timeout=30)
+        time.sleep(SETTLE)
+        commands = {name: sent(lab, order_id, name) for name in (SHIP, CANCEL)}
+        audits = {what: handled(lab, order_id, what) for what in ("ship-parcel", "cancel-parcel")}
+        assert sorted(commands.values()) == [0, 1] and sorted(audits.values()) == [0, 1], (commands, audits, lags)
+        assert instance(lab, order_id) == ("completed", 2)
+        winners[order_id] = "event" if commands[SHIP] else "timeout"
+    print(f"winners of {RACES} races: {winners}")
+
+
 def test_a_pool_process_killed_in_a_step_has_its_event_redelivered_and_applied_once(lab: Scenario):
     # Given an order paid (the instance at version 1), and PartPacked's step holding in a pool
     # process (it has read the instance, marked the order packed and sent ShipParcel, committed nothing)

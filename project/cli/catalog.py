@@ -49,6 +49,7 @@ def catalog(
     if not asyncapi and (title is not None or version is not None):
         fail("--title and --version name the AsyncAPI document: add --asyncapi, or leave them out")
     bus = loaded_bus()
+    found = contracts(bus.topology, bus.command_policy, bus.process_managers)
     target = output or str(DEFAULT_ASYNCAPI if asyncapi else DEFAULT_MARKDOWN)
     if asyncapi:
         from project.observe.asyncapi import DEFAULT_TITLE, document, dump
@@ -58,9 +59,9 @@ def catalog(
                 "version": _info(version, "--version", conf, VERSION_KEY, "give the contracts' version, e.g. "
                                  "--version 1.4.0", "set the contracts' version, or remove it for celery-bus's")}
         kind = fmt.value if fmt is not Format.auto else ("json" if target.endswith(".json") else "yaml")
-        text = dump(document(contracts(bus.topology, bus.command_policy), **{k: v for k, v in info.items() if v is not None}), kind)
+        text = dump(document(found, **{k: v for k, v in info.items() if v is not None}), kind)
     else:
-        text = markdown(contracts(bus.topology, bus.command_policy))
+        text = markdown(found)
     if target == "-":
         sys.stdout.write(text)
         return

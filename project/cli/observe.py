@@ -16,10 +16,12 @@ from project.cli.common import console, loaded_bus, redact
 
 def topology(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
              mermaid: bool = typer.Option(False, "--mermaid", help="A Mermaid flowchart of the message flow.")) -> None:
-    """Print every command and event with its task, queue, exchange, handler and retry policy."""
-    from project.observe.mermaid import describe, flowchart, policy_text
+    """Print every command and event with its task, queue, exchange, handler and retry policy, and every process
+    manager with its state, correlation, steps and timeouts."""
+    from project.observe.mermaid import correlation_text, describe, flowchart, policy_text, state_text, step_text, \
+        timeouts_text
     bus = loaded_bus()
-    catalog = describe(bus.topology, bus.command_policy)
+    catalog = describe(bus.topology, bus.command_policy, bus.process_managers)
     if as_json:
         typer.echo(json.dumps(catalog, indent=2))
         return
@@ -47,6 +49,16 @@ def topology(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
                 subscribers.add_row(s["task"], e["exchange"], s["boundary"], s["handler"], _outputs(s),
                                     policy_text(s["retry"]))
         console.print(subscribers)
+    if catalog["process_managers"]:
+        managers = Table(title="process managers")
+        for column in ("name", "boundary", "state", "correlation", "steps: event -> task = queue",
+                       "timeouts -> task", "on missing", "retry"):
+            managers.add_column(column)
+        for m in catalog["process_managers"]:
+            managers.add_row(m["name"], m["boundary"], state_text(m), correlation_text(m["correlation"]),
+                             "\n".join(step_text(step) for step in m["handles"]), timeouts_text(m), m["on_missing"],
+                             policy_text(m["retry"]))
+        console.print(managers)
 
 
 def _outputs(entry: dict) -> str:

@@ -8,7 +8,11 @@ What maps to what:
   (`<exchange>.send`) and each subscriber *receives* from it (`<subscriber queue>.receive`,
   the queue in `x-bus-queue`: the AMQP operation binding has no field for it);
 - each contract is a message in `components/messages` whose payload is a `$ref` to its
-  JSON Schema in `components/schemas` (nested models are hoisted there too).
+  JSON Schema in `components/schemas` (nested models are hoisted there too);
+- a process manager's step operations (`<step queue>.receive`), and its timeout command's
+  channel and operation, name it in `x-process-manager`; the top-level `x-process-managers`
+  lists each manager as `bus topology --json` does, its state's JSON Schema a `$ref` into
+  `components/schemas` like a payload's.
 
 A payload is what the message carries as keyword arguments: the contract's fields plus
 the bus's reserved key, `idempotency_key` (commands, optional) or `_event_id` (events).
@@ -58,7 +62,8 @@ def document(catalog: dict[str, Any], *, title: str = DEFAULT_TITLE,
     """
     commands = sorted(catalog["commands"], key=lambda c: c["queue"])
     events = sorted(catalog["events"], key=lambda e: e["exchange"])
-    schemas, names = _schemas(commands, events)
+    managers = catalog.get("process_managers", [])
+    schemas, names = _schemas(commands, events, [m["state_model"] for m in managers])
     messages: dict[str, Any] = {}
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
@@ -66,7 +71,7 @@ def document(catalog: dict[str, Any], *, title: str = DEFAULT_TITLE,
     for c in commands:
         name = names[c["contract"]]
         messages[name] = _message(c, name, c["task"], "command")
-        channels[c["queue"]] = {
+        channels[c["queue"]] = _owned({
             "address": c["queue"],
             "title": f"command queue {c['queue']}",
             "description": f"The queue of the command {c['command']}; its only consumer is boundary "
@@ -75,10 +80,10 @@ def document(catalog: dict[str, Any], *, title: str = DEFAULT_TITLE,
             "bindings": {"amqp": {"is": "queue", "queue": {"name": c["queue"], "durable": True,
                                                            "exclusive": False, "autoDelete": False},
                                   "bindingVersion": AMQP_BINDING_VERSION}},
-        }
-        operations[f"{c['queue']}.receive"] = _operation(
+        }, c)
+        operations[f"{c['queue']}.receive"] = _owned(_operation(
             "receive", c["queue"], name, c["boundary"], f"{c['boundary']} handles {c['command']}",
-            f"Handled by {c['handler']}.")
+            f"Handled by {c['handler']}."), c)
 
     for e in events:
         name, exchange = names[e["contract"]], e["exchange"]
@@ -98,9 +103,9 @@ def document(catalog: dict[str, Any], *, title: str = DEFAULT_TITLE,
             "send", exchange, name, e["owner"], f"{e['owner']} publishes {e['event']}",
             f"Published through the outbox by {publishers}.")
         for s in e["subscribers"]:
-            operations[f"{s['queue']}.receive"] = _operation(
+            operations[f"{s['queue']}.receive"] = _owned(_operation(
                 "receive", exchange, name, s["boundary"], f"{s['boundary']} subscribes to {e['event']}",
-                f"Handled by {s['handler']}, from the queue {s['queue']}.", queue=s["queue"])
+                f"Handled by {s['handler']}, from the queue {s['queue']}.", queue=s["queue"]), s)
 
     return {
         "asyncapi": "3.0.0",
@@ -109,7 +114,22 @@ def document(catalog: dict[str, Any], *, title: str = DEFAULT_TITLE,
         "channels": channels,
         "operations": dict(sorted(operations.items())),
         "components": {"schemas": schemas, "messages": messages},
+        "x-process-managers": [_manager(m, names) for m in managers],
     }
+
+
+def _owned(node: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """`node` (a channel or operation of `entry`), naming the process manager `entry` belongs to, if any."""
+    if entry.get("process_manager"):
+        node["x-process-manager"] = entry["process_manager"]
+    return node
+
+
+def _manager(entry: dict[str, Any], names: dict[type, str]) -> dict[str, Any]:
+    """A process manager's catalog entry, its state's schema a `$ref` into components/schemas."""
+    shown = {key: value for key, value in entry.items() if key != "state_model"}
+    schema = {"$ref": SCHEMA_REF.format(model=names[entry["state_model"]])}
+    return {**shown, "state": {**entry["state"], "schema": schema}}
 
 
 def _operation(action: str, channel: str, message: str, boundary: str, title: str, summary: str,
@@ -130,13 +150,16 @@ def _operation(action: str, channel: str, message: str, boundary: str, title: st
     return operation
 
 
-def _schemas(commands: list[dict[str, Any]], events: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[type, str]]:
-    """components/schemas (contracts and the models nested in them) and each contract's name there.
+def _schemas(commands: list[dict[str, Any]], events: list[dict[str, Any]],
+             states: list[type]) -> tuple[dict[str, Any], dict[type, str]]:
+    """components/schemas (contracts, process managers' states, and the models nested in them) and each
+    contract's and state's name there.
 
     One pydantic call for all of them: it names a nested model used in both modes (or two
     classes of the same name) apart, e.g. `OrderLine-Input` / `OrderLine-Output`.
     """
     wanted = [(c["contract"], "validation") for c in commands] + [(e["contract"], "serialization") for e in events]
+    wanted += [(state, "serialization") for state in dict.fromkeys(states) if (state, "serialization") not in wanted]
     refs, found = models_json_schema(wanted, ref_template=SCHEMA_REF)
     schemas = found.get("$defs", {})
     names = {model: ref["$ref"].rsplit("/", 1)[-1] for (model, _), ref in refs.items()}

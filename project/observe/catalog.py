@@ -1,10 +1,12 @@
 """`bus catalog`: the message contracts as documentation other teams can read.
 
-`contracts(topology, command_policy)` gathers, from the registry and the contract classes only (no broker,
-no database): every command with its queue, owning boundary, handler, retry policy,
-the handlers that send it, and its JSON Schema; every event (handled or not) with its
-fanout exchange, owning boundary, the handlers that publish it, its subscribers and
-its JSON Schema. Who sends and publishes what is read from the handlers' source, as
+`contracts(topology, command_policy, process_managers)` gathers, from the registry and the
+contract classes only (no broker, no database): every command with its queue, owning
+boundary, handler, retry policy, the handlers that send it, and its JSON Schema; every
+event (handled or not) with its fanout exchange, owning boundary, the handlers that
+publish it, its subscribers and its JSON Schema; every process manager as `bus topology
+--json` shows it (state model, correlation, steps with their queues, timeouts and their
+command). Who sends and publishes what is read from the handlers' source, as
 `bus topology` does (project/observe/mermaid.py): a message built in a helper function is not
 seen.
 
@@ -19,21 +21,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
     from project.messaging.retry import Backoff
     from project.messaging.topology import Topology
+    from project.process.declaration import ProcessManager
 
 DEFAULT_MARKDOWN = Path("docs/catalog.md")
 DEFAULT_ASYNCAPI = Path("docs/asyncapi.yaml")
 
 
-def contracts(topology: "Topology", command_policy: "Backoff") -> dict[str, Any]:
-    """`bus topology --json` plus each contract's class, schema, docstring, senders and publishers."""
+def contracts(topology: "Topology", command_policy: "Backoff",
+              process_managers: Mapping[str, "ProcessManager"] | None = None) -> dict[str, Any]:
+    """`bus topology --json` plus each contract's class, schema, docstring, senders and publishers, and each
+    process manager's state class (`state_model`)."""
     from project.messaging.topology import known_events
     from project.observe.mermaid import describe
-    catalog = describe(topology, command_policy)
+    catalog = describe(topology, command_policy, process_managers)
     sent_by: dict[str, set[str]] = {}
     published_by: dict[str, set[str]] = {}
     handlers = [*catalog["commands"], *(s for e in catalog["events"] for s in e["subscribers"])]
@@ -52,6 +57,8 @@ def contracts(topology: "Topology", command_policy: "Backoff") -> dict[str, Any]
         contract = events[entry["exchange"]]
         entry.update(contract=contract, schema=contract.model_json_schema(mode="serialization"),
                      summary=_summary(contract), published_by=sorted(published_by.get(entry["exchange"], ())))
+    for entry in catalog["process_managers"]:
+        entry["state_model"] = (process_managers or {})[entry["name"]].state
     return catalog
 
 
@@ -64,7 +71,7 @@ def _summary(contract: type) -> str:
 # ---- docs/catalog.md ---------------------------------------------------------------------
 def markdown(catalog: dict[str, Any]) -> str:
     """docs/catalog.md: an index, the flow diagram, then one section per command and event."""
-    from project.observe.mermaid import flowchart, policy_text
+    from project.observe.mermaid import correlation_text, flowchart, policy_text, state_text, timeouts_text
     out = [
         "# Message catalog",
         "",
@@ -96,6 +103,16 @@ def markdown(catalog: dict[str, Any]) -> str:
         subscribers = ", ".join(f"`{s['queue']}`" for s in e["subscribers"]) or "none"
         out.append(f"| [{e['event']}](#{_anchor(e['event'])}) | `{e['exchange']}` | {e['owner']} | "
                    f"{_codes(e['published_by']) or 'not seen in a handler'} | {subscribers} |")
+    if catalog["process_managers"]:
+        out += ["", "## Process managers", "",
+                "Each step of a process manager is a subscriber of its boundary (listed with its event); its",
+                "timeouts arrive as one command of its own (listed with the commands).", "",
+                "| process manager | boundary | state | correlation | started by | timeouts -> task |",
+                "|---|---|---|---|---|---|"]
+        for m in catalog["process_managers"]:
+            out.append(f"| [{m['name']}](#{_manager_anchor(m)}) | {m['boundary']} | `{state_text(m)}` | "
+                       f"`{correlation_text(m['correlation'])}` | {', '.join(m['starts']) or 'none'} | "
+                       f"{timeouts_text(m)} |")
     out += ["", "## Flow", "", "```mermaid", flowchart(catalog).rstrip("\n"), "```", ""]
 
     for c in catalog["commands"]:
@@ -120,13 +137,39 @@ def markdown(catalog: dict[str, Any]) -> str:
         if e["subscribers"]:
             out += ["| queue = task | boundary | handler | retry | publishes / sends |", "|---|---|---|---|---|"]
             for s in e["subscribers"]:
-                outputs = _codes([*s.get("publishes", ()), *s.get("sends", ())]) or "-"
                 out.append(f"| `{s['queue']}` | {s['boundary']} | `{s['handler']}` | "
-                           f"{policy_text(s['retry'])} | {outputs} |")
+                           f"{policy_text(s['retry'])} | {_outputs(s)} |")
             out.append("")
         out += ["JSON Schema of its fields (serialization mode: what subscribers receive):", "",
                 "```json", json.dumps(e["schema"], indent=2), "```", ""]
+    for m in catalog["process_managers"]:
+        out += _manager_section(m)
     return "\n".join(out)
+
+
+def _manager_section(manager: dict[str, Any]) -> list[str]:
+    """One process manager: its declaration, a row per step and per timeout, its state's JSON Schema."""
+    from project.observe.mermaid import correlation_text, policy_text
+    out = [f"## Process manager {manager['name']}", "",
+           "- kind: process manager",
+           f"- boundary: `{manager['boundary']}`; state: `{manager['state']['model']}`",
+           f"- correlation: `{correlation_text(manager['correlation'])}`; an event of no instance that "
+           f"does not start one: {manager['on_missing']}",
+           f"- retry (every step; version conflicts always): {policy_text(manager['retry'])}",
+           f"- timeout command: {_codes([manager['timeout_task']]) if manager['timeout_task'] else 'none'}",
+           "", "| event | starts | queue = task | handler | publishes / sends |", "|---|---|---|---|---|"]
+    for step in manager["handles"]:
+        out.append(f"| [{step['event']}](#{_anchor(step['event'])}) | {'yes' if step['starts'] else 'no'} | "
+                   f"`{step['queue']}` | `{step['handler']}` | {_outputs(step)} |")
+    if manager["timeouts"]:
+        out += ["", "| timeout | handler | publishes / sends |", "|---|---|---|"]
+        out += [f"| `{t['timeout']}` | `{t['handler']}` | {_outputs(t)} |" for t in manager["timeouts"]]
+    return out + ["", "JSON Schema of its state (serialization mode: as stored):", "",
+                  "```json", json.dumps(manager["state"]["schema"], indent=2), "```", ""]
+
+
+def _outputs(entry: dict[str, Any]) -> str:
+    return _codes([*entry.get("publishes", ()), *entry.get("sends", ())]) or "-"
 
 
 def _senders(command: dict[str, Any]) -> str:
@@ -145,6 +188,11 @@ def _key_text(command: dict[str, Any]) -> str:
 
 def _codes(names: Any) -> str:
     return ", ".join(f"`{n}`" for n in names)
+
+
+def _manager_anchor(manager: dict[str, Any]) -> str:
+    """GitHub's anchor of `## Process manager <name>`."""
+    return f"process-manager-{manager['name']}"
 
 
 def _anchor(heading: str) -> str:

@@ -1,10 +1,14 @@
 """The flow of messages through the bus, as data and as a Mermaid flowchart.
 
-`describe(topology, command_policy)` is `Topology.describe()` plus, for every command handler and subscriber,
-the events it publishes and the commands it sends. Those are read from the handler's
-own source: the contract classes it constructs (`OrderPlaced(...)`) inside the handler
-function. A handler that builds its messages in a helper function shows none; the
-diagram is a map of the code as written, not a record of what ran (`bus trace` is).
+`describe(topology, command_policy, process_managers)` is `Topology.describe()` plus, for
+every command handler and subscriber, the events it publishes and the commands it sends,
+and the process managers (`ProcessManager.describe()`: each step with its subscriber's
+outputs, each timeout handler with its own; the subscriber and command entries of a
+manager's steps and timeout command name it in `process_manager`). What a handler publishes
+and sends is read from its own source: the contract classes it constructs
+(`OrderPlaced(...)`) inside the handler function. A handler that builds its messages in a
+helper function shows none; the diagram is a map of the code as written, not a record of
+what ran (`bus trace` is).
 
 `flowchart(catalog)` draws command -> queue -> handler -> event -> fanout exchange ->
 subscriber queue -> subscriber -> ..., one subgraph per boundary.
@@ -15,30 +19,52 @@ import ast
 import inspect
 import re
 import textwrap
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from project.contracts import Command
 from project.messaging.topology import Topology, known_events
 
 if TYPE_CHECKING:
     from project.messaging.retry import Backoff
+    from project.process.declaration import ProcessManager
 
 
-def describe(topology: Topology, command_policy: "Backoff") -> dict[str, Any]:
-    """The topology catalog with retry policies (commands: `command_policy`) and what each handler
-    publishes and sends."""
+def describe(topology: Topology, command_policy: "Backoff",
+             process_managers: Mapping[str, "ProcessManager"] | None = None) -> dict[str, Any]:
+    """The topology catalog with retry policies (commands: `command_policy`), what each handler
+    publishes and sends, and the process managers (the bus's `process_managers`, by name)."""
     registry = topology.registry
     catalog = topology.describe(command_policy)
     events = {contract.__name__: name for name, contract in known_events(registry).items()}
     commands = {contract.__name__: contract.task_name() for contract in _subclasses(Command)}
     for entry in catalog["commands"]:
         binding = registry.commands[entry["task"]]
-        entry.update(produced_by(binding.handler, events, commands))
+        entry.update(produced_by(binding.handler, events, commands), process_manager=None)
     for event in catalog["events"]:
         for entry in event["subscribers"]:
             binding = registry.subscribers[entry["task"]]
-            entry.update(produced_by(binding.handler, events, commands))
+            entry.update(produced_by(binding.handler, events, commands), process_manager=None)
+    catalog["process_managers"] = [_process_manager(manager, catalog, events, commands)
+                                   for _, manager in sorted((process_managers or {}).items())]
     return catalog
+
+
+def _process_manager(manager: "ProcessManager", catalog: dict[str, Any], events: dict[str, str],
+                     commands: dict[str, str]) -> dict[str, Any]:
+    """`manager.describe()`, its steps with what their subscriber entries publish and send, its timeouts with
+    what their handlers do; the catalog's entries of its subscribers and its timeout command name it."""
+    entry = manager.describe()
+    subscribers = {s["task"]: s for e in catalog["events"] for s in e["subscribers"]}
+    for step in entry["handles"]:
+        subscriber = subscribers[step["task"]]
+        subscriber["process_manager"] = entry["name"]
+        step.update(publishes=subscriber["publishes"], sends=subscriber["sends"])
+    for timeout in entry["timeouts"]:
+        timeout.update(produced_by(manager.timeouts[timeout["timeout"]], events, commands))
+    for command in catalog["commands"]:
+        if command["task"] == entry["timeout_task"]:
+            command["process_manager"] = entry["name"]
+    return entry
 
 
 def produced_by(handler: Callable[..., Any], events: dict[str, str],
@@ -130,6 +156,30 @@ def policy_text(policy: dict[str, Any] | None) -> str:
     if retry_on != ["Exception"]:
         text += f"; only on {', '.join(retry_on)}"
     return text
+
+
+def state_text(manager: dict[str, Any]) -> str:
+    """`Fulfilment(placed, paid, ...)`: a process manager's state model and its fields."""
+    return f"{manager['state']['model']}({', '.join(manager['state']['fields'])})"
+
+
+def correlation_text(correlation: Any) -> str:
+    """`order_id`, `tasks.x.order_of()`, or `Paid: order_id, Shipped: tasks.x.parcel_of()`."""
+    if isinstance(correlation, dict):
+        return ", ".join(f"{event}: {found}" for event, found in correlation.items())
+    return str(correlation)
+
+
+def step_text(step: dict[str, Any]) -> str:
+    """`OrderPlaced (starts) -> fulfilment.fulfilment.order_placed`: a step's event and task (= queue)."""
+    return f"{step['event']}{' (starts)' if step['starts'] else ''} -> {step['task']}"
+
+
+def timeouts_text(manager: dict[str, Any]) -> str:
+    """`payment, late_payment -> fulfilment.fulfilment.timeout` (or `none`)."""
+    if not manager["timeouts"]:
+        return "none"
+    return f"{', '.join(t['timeout'] for t in manager['timeouts'])} -> {manager['timeout_task']}"
 
 
 def _ident(key: str) -> str:

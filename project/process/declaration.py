@@ -11,7 +11,8 @@
 Each (manager, event) is a subscriber of the manager's boundary, `<boundary>.<manager>.<event>`:
 its own queue bound to the event's fanout exchange, the manager's retry policy, the
 inbox and the outbox (project/process/runtime.py runs it). A manager with timeouts also
-has the command `<boundary>.<manager>.timeout`, which its durable timers deliver.
+has the command `<boundary>.<manager>.timeout`, which its durable timers deliver. `describe()`
+gives the declaration as data: `bus topology`, the catalog and AsyncAPI list managers with it.
 
 `correlation` finds an event's instance: a field every event has, {event class: field or
 function}, or a function of the event. `state` is a pydantic model whose fields all have
@@ -77,6 +78,8 @@ class ProcessManager:
         #: the event steps by event class, and the timeout handlers by name
         self.steps: dict[type[Event], EventStep] = {}
         self.timeouts: dict[str, Callable[..., Any]] = {}
+        #: the subscriber task (= queue) of each event step
+        self.step_tasks: dict[type[Event], str] = {}
         self._correlate: dict[type[Event], Callable[[Event], Any]] = {}
         self._subscribe, self._command = subscribe, command
         self._timeout_task: Any = None
@@ -101,7 +104,9 @@ class ProcessManager:
         _check_handler(handler, call, "event")
         self._correlate[contract] = self._correlation_of(contract)
         step = self.steps[contract] = EventStep(self, contract, handler, starts)
-        return self._subscribe(contract, boundary=self.boundary, retry=self.retry)(step)
+        task = self._subscribe(contract, boundary=self.boundary, retry=self.retry)(step)
+        self.step_tasks[contract] = task.name
+        return task
 
     def on_timeout(self, name: str, handler: Callable[..., Any]) -> Any:
         """`handler(state, timeout, process)` runs when the timeout `name` an instance requested is due
@@ -117,6 +122,24 @@ class ProcessManager:
         if self._timeout_task is None:
             self._timeout_task = self._command(timeout_contract(self.boundary, self.name))(TimeoutStep(self))
         return self._timeout_task
+
+    # ---- describing ----------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """The declaration as JSON-ready data (for `bus topology`, the catalog and AsyncAPI): steps in the
+        order declared, each with its subscriber task (= queue); the timeouts by name and their command task."""
+        return {
+            "name": self.name, "boundary": self.boundary,
+            "state": {"model": self.state.__name__, "fields": list(self.state.model_fields),
+                      "schema": self.state.model_json_schema(mode="serialization")},
+            "correlation": _correlation_text(self.correlation), "on_missing": self.on_missing,
+            "retry": self.retry.describe(),
+            "starts": [contract.__name__ for contract, step in self.steps.items() if step.starts],
+            "handles": [{"event": contract.__name__, "exchange": contract.exchange_name(), "starts": step.starts,
+                         "task": self.step_tasks[contract], "queue": self.step_tasks[contract],
+                         "handler": _named(step.handler)} for contract, step in self.steps.items()],
+            "timeouts": [{"timeout": name, "handler": _named(handler)} for name, handler in self.timeouts.items()],
+            "timeout_task": self.timeout_task if self.timeouts else None,
+        }
 
     # ---- at run time -------------------------------------------------------------
     def instance_id(self, event: Event) -> str:
@@ -219,6 +242,13 @@ def _check_handler(handler: Callable[..., Any], call: str, message: str) -> None
         signature.bind(None, None, None, **dependencies)
     except TypeError:
         raise TypeError(f"{call}: {_named(handler)}{signature} does not fit; {fix}") from None
+
+
+def _correlation_text(correlation: Correlation) -> Any:
+    """A field name as it is; a function as `module.name()`; a mapping as {event name: either}."""
+    if isinstance(correlation, Mapping):
+        return {contract.__name__: _correlation_text(found) for contract, found in correlation.items()}
+    return correlation if isinstance(correlation, str) else f"{_named(correlation)}()"
 
 
 def _named(handler: Callable[..., Any]) -> str:

@@ -17,6 +17,7 @@ from celery import Celery
 
 from project.messaging.runtime import BusTask
 from project.transport.batching import Batcher
+from tests.unit.test_redis_fetch import Loop
 
 JOBS = itertools.count(1)
 
@@ -52,19 +53,6 @@ class Pool:
         return job
 
 
-class Hub:
-    def __init__(self) -> None:
-        self.soon: list[Callable[[], None]] = []
-
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        self.soon.append(fn)
-
-    def tick(self) -> None:
-        soon, self.soon = self.soon, []
-        for fn in soon:
-            fn()
-
-
 class Request:
     """A bus task's request as the batcher reads it."""
 
@@ -84,7 +72,7 @@ class Request:
 @pytest.fixture
 def batcher() -> Batcher:
     app = Celery("batcher", broker="memory://", backend="redis://127.0.0.1:6379/15", set_as_current=False)
-    consumer = type("Consumer", (), {"app": app, "hub": Hub(), "pool": Pool(), "on_task_request": print})()
+    consumer = type("Consumer", (), {"app": app, "hub": Loop(), "pool": Pool(), "on_task_request": print})()
     return Batcher(consumer, cap=4)
 
 

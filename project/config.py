@@ -72,8 +72,11 @@ broker_transport_options = {
     "visibility_timeout": _settings.env_int("BUS_VISIBILITY_TIMEOUT", 300, minimum=1),
     "unacked_restore_interval": _settings.env_int("BUS_UNACKED_RESTORE_INTERVAL", 5, minimum=1),
     "unacked_restore_throttle": 1,  # scan on every sweep (one ZRANGE per interval and worker)
-    # Redis: up to this many messages per fetch, recorded as unacked in one script (project/transport/redis_fetch.py)
-    "fetch_max": _settings.env_int("BUS_FETCH_MAX", _redis_fetch.FETCH_MAX, minimum=1),
+    # Redis: up to this many messages per fetch, recorded as unacked in one script (project/transport/redis_fetch.py).
+    # By default 16 with batched execution (its prefetch window holds batches), else 1: with one or two messages
+    # reserved per process, the script after each BRPOP mostly came back empty, an extra round trip that measured
+    # slower than kombu's one BRPOP per message (docs/benchmarks.md)
+    "fetch_max": _settings.env_int("BUS_FETCH_MAX", _redis_fetch.FETCH_MAX if bus_batch_max > 1 else 1, minimum=1),
 }
 # Durable timers (project/messaging/timers.py): a command sent with a delay (countdown, eta)
 # longer than BUS_TIMER_THRESHOLD seconds waits in the outbox, not unacknowledged in a worker,

@@ -19,7 +19,7 @@ PHASES = ("commands", "latency", "fanout", "relay", "timers", "process")
 DEFAULT_PHASES = PHASES[:4]
 DATABASES = ("sqlite", "postgresql")
 #: where the bus's side keeps Celery results: the bus's default for the broker, or its database
-RESULTS = ("default", "database")
+RESULTS = ("default", "database", "redis")
 
 
 class BenchError(RuntimeError):
@@ -47,7 +47,9 @@ class Options:
     postgres_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     workdir: Path | None = None
     peers: bool = False  # also dramatiq and FastStream (project/bench/peers.py)
-    results: str = "default"  # "database": CELERY_RESULT_BACKEND=db+<the run's database>, on any broker
+    # "database": CELERY_RESULT_BACKEND=db+<the run's database>; "redis": a Redis database of the run's (what batched
+    # execution needs on RabbitMQ); on any broker
+    results: str = "default"
     bare_results: bool = False  # the baseline stores results too (project/bench/bare.py)
 
 

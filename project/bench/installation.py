@@ -72,6 +72,9 @@ class Installation:
             self.env["BUS_BENCH_BARE_RESULTS"] = "on"
         if o.results == "database":
             self.env["CELERY_RESULT_BACKEND"] = "db+" + self.env["BUS_DATABASE_URL"]
+        elif o.results == "redis" and o.broker != "redis":
+            number = self.created["redis_results_db"] = isolation.claim_redis_db(self.cleanups, o.redis_url)
+            self.env["CELERY_RESULT_BACKEND"] = f"{o.redis_url.rstrip('/')}/{number}"
         self.settings = load(self.env)
         upgrade(self.settings.database_url)
         self.control = Celery("bus-bench-control", broker=self.settings.broker_url)

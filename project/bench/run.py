@@ -353,7 +353,8 @@ def bench(
     peers: bool = typer.Option(False, "--peers", help="Also run the same no-op work and fan-out on dramatiq and "
                                "FastStream, on the same broker (needs the bench extra: pip install 'celery-bus\\[bench]')."),
     results: str = typer.Option("default", "--results", help="Where the bus keeps Celery results: default (Redis "
-                                "on Redis, the bus database on RabbitMQ) or database (the bus database on any broker)."),
+                                "on Redis, the bus database on RabbitMQ), database (the bus database on any broker) or redis (a Redis "
+                                "database of the run's on any broker: what BUS_BATCH_MAX needs on RabbitMQ)."),
     bare_results: bool = typer.Option(False, "--bare-results", help="Bare Celery stores results too (Celery's own "
                                       "backend at the bus's result backend URL), as most Celery deployments do."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress goes to stderr)."),

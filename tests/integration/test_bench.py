@@ -170,5 +170,5 @@ def test_an_unknown_results_choice_is_refused_with_the_choices(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     # Then it exits 2 naming the choices, before touching any broker
     assert done.returncode == 2, done.stderr
-    assert "Invalid value for --results: use one of default, database" in one_line(done.stderr)
+    assert "Invalid value for --results: use one of default, database, redis" in one_line(done.stderr)
     assert not list(tmp_path.glob("bb-*"))

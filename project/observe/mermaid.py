@@ -44,26 +44,26 @@ def describe(topology: Topology, command_policy: "Backoff",
         for entry in event["subscribers"]:
             binding = registry.subscribers[entry["task"]]
             entry.update(produced_by(binding.handler, events, commands), process_manager=None)
-    catalog["process_managers"] = [_process_manager(manager, catalog, events, commands)
+    entries = {c["task"]: c for c in catalog["commands"]} | {s["task"]: s for e in catalog["events"]
+                                                             for s in e["subscribers"]}
+    catalog["process_managers"] = [_process_manager(manager, entries, events, commands)
                                    for _, manager in sorted((process_managers or {}).items())]
     return catalog
 
 
-def _process_manager(manager: "ProcessManager", catalog: dict[str, Any], events: dict[str, str],
+def _process_manager(manager: "ProcessManager", entries: dict[str, dict[str, Any]], events: dict[str, str],
                      commands: dict[str, str]) -> dict[str, Any]:
     """`manager.describe()`, its steps with what their subscriber entries publish and send, its timeouts with
-    what their handlers do; the catalog's entries of its subscribers and its timeout command name it."""
+    what their handlers do; the catalog's `entries` (by task) of its subscribers and its timeout command name it."""
     entry = manager.describe()
-    subscribers = {s["task"]: s for e in catalog["events"] for s in e["subscribers"]}
     for step in entry["handles"]:
-        subscriber = subscribers[step["task"]]
+        subscriber = entries[step["task"]]
         subscriber["process_manager"] = entry["name"]
         step.update(publishes=subscriber["publishes"], sends=subscriber["sends"])
     for timeout in entry["timeouts"]:
         timeout.update(produced_by(manager.timeouts[timeout["timeout"]], events, commands))
-    for command in catalog["commands"]:
-        if command["task"] == entry["timeout_task"]:
-            command["process_manager"] = entry["name"]
+    if entry["timeout_task"] is not None:
+        entries[entry["timeout_task"]]["process_manager"] = entry["name"]
     return entry
 
 

@@ -47,13 +47,10 @@ class Step:
 
 
 def instances(engine: Engine, manager: str | None = None, status: str | None = None,
-              limit: int | None = None, instance_id: str | None = None) -> list[Instance]:
-    """Stored instances (of `manager`, with `status`, of that id), the most recently changed first; states as
-    stored JSON."""
+              limit: int | None = None) -> list[Instance]:
+    """Stored instances (of `manager`, with `status`), the most recently changed first; states as stored JSON."""
     query = select(process_instances).order_by(process_instances.c.updated_at.desc(),
                                                process_instances.c.instance_id)
-    if instance_id is not None:
-        query = query.where(process_instances.c.instance_id == instance_id)
     if manager is not None:
         query = query.where(process_instances.c.manager == manager)
     if status is not None:

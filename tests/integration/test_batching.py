@@ -18,6 +18,7 @@ import pytest
 
 from tests.integration.conftest import opened
 from tests.integration.support.scenarios import Scenario
+from tests.unit.test_faults_plan import faults  # bench/faults.py, a script: loaded there once
 
 pytestmark = pytest.mark.integration
 
@@ -160,17 +161,6 @@ def test_a_pool_process_killed_after_its_batch_committed_has_the_batch_redeliver
         "SELECT count(*) FROM bus_outbox WHERE causation_id = :m AND published_at IS NOT NULL", m=sent[-1]) == [(1,)])
 
 
-def load_faults():
-    """bench/faults.py, for its broker outage (it is a script, not a package module)."""
-    import importlib.util
-
-    from tests.conftest import REPO
-    spec = importlib.util.spec_from_file_location("faults", REPO / "bench" / "faults.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("lab", ["sqlite"], indirect=True)
 def test_broker_connections_cut_while_batches_run_and_wait_lose_nothing_and_the_worker_goes_on(
         lab: Scenario, run_id: str):
@@ -181,7 +171,7 @@ def test_broker_connections_cut_while_batches_run_and_wait_lose_nothing_and_the_
     # When every connection of the run to Redis is killed (the worker's consumer closes its channel: its
     # waiting requests are dropped and the pool flushed, and it reconnects)
     try:
-        said = load_faults().broker_outage(lab)
+        said = faults.broker_outage(lab)
     finally:
         # this process's pooled connections to that Redis database died too; kombu keeps them in global pools
         # keyed by URL, which the next test's scenario would reuse if it claims the same database number

@@ -44,11 +44,14 @@ task_reject_on_worker_lost = True
 task_acks_on_failure = True
 # One message reserved per process: a slow handler does not hold others hostage, and a
 # killed worker has at most one in-flight message per process to redeliver.
-worker_prefetch_multiplier = _settings.env_int("BUS_PREFETCH", 1, minimum=1)
-# Batched execution (project/transport/batching.py), off by default (0 or 1): a pool process runs up
-# to this many deliveries in one transaction, a savepoint each. A batch forms from what is reserved
-# while the previous one runs, so each process reserves two batches' worth (BUS_PREFETCH, if higher, wins).
-bus_batch_max = _settings.env_int("BUS_BATCH_MAX", 0, minimum=0)
+bus_prefetch = worker_prefetch_multiplier = _settings.env_int("BUS_PREFETCH", 1, minimum=1)
+# Batched execution (project/transport/batching.py): a pool process runs up to BUS_BATCH_MAX deliveries
+# in one transaction, a savepoint each; 0 or 1 turns it off. Unset, it is 16 with a Redis result backend
+# (the only one whose writes a batch holds back), else off; a worker without the prefork pool's event
+# loop then runs unbatched (bus_batch_default), where an explicit value refuses to start. A batch forms
+# from what is reserved while the previous one runs, so each process reserves two batches' worth
+# (BUS_PREFETCH, if higher, wins); the unbatched fallback goes back to bus_prefetch.
+bus_batch_max, bus_batch_default = _settings.batch_max(_bus.result_backend)
 if bus_batch_max > 1:
     worker_prefetch_multiplier = max(worker_prefetch_multiplier, 2 * bus_batch_max)
 # 2 pool processes per CPU on PostgreSQL (they wait on the database), 1 per CPU on SQLite

@@ -187,6 +187,29 @@ def worker_concurrency(database_url: str, cpus: int | None = None, env: Mapping[
     return env_int("BUS_CONCURRENCY", per_cpu * (cpus or os.cpu_count() or 1), minimum=1, env=env)
 
 
+#: BUS_BATCH_MAX when it is unset and the results go to Redis (docs/benchmarks.md, "Batched execution")
+BATCH_DEFAULT = 16
+
+
+def batch_max(result_backend: str, env: Mapping[str, str] | None = None) -> tuple[int, bool]:
+    """BUS_BATCH_MAX, and whether it is the default (the variable unset).
+
+    Unset, batching is on (BATCH_DEFAULT) where it measured faster and can run: a Redis
+    result backend, the only one whose writes a batch can hold back until its commit. A
+    worker that turns out unable to batch (no prefork event loop) then runs unbatched;
+    an explicit value is kept to, and a worker that cannot keep to it refuses to start.
+    """
+    env = os.environ if env is None else env
+    raw = env.get("BUS_BATCH_MAX", "").strip()
+    if not raw:
+        return (BATCH_DEFAULT if result_backend.startswith(("redis", SENTINEL_SCHEME)) else 0), True
+    if not raw.isdigit():
+        raise ConfigurationError(
+            f"BUS_BATCH_MAX={raw!r} is not valid; use a whole number >= 0 (0 or 1: off), or unset it for the "
+            f"default ({BATCH_DEFAULT} with a Redis result backend, else off)")
+    return int(raw), False
+
+
 def env_switch(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
     """An on/off setting; any other value stops start-up naming the variable and the accepted values."""
     env = os.environ if env is None else env

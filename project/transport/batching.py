@@ -30,6 +30,7 @@ from weakref import ref
 from billiard.einfo import ExceptionInfo
 from celery import current_app
 from celery.app.trace import fast_trace_task, trace_task_ret
+from celery.concurrency import prefork
 from celery.exceptions import Reject
 from celery.utils.functional import maybe
 
@@ -48,9 +49,7 @@ class Batcher:
     """The consumer's `on_task_request` with batching: bus tasks wait for a free process, others go at once."""
 
     def __init__(self, consumer: Any, cap: int) -> None:
-        if consumer.hub is None:
-            raise ConfigurationError(f"BUS_BATCH_MAX={cap} needs the prefork pool's event loop; this worker has "
-                                     f"none (--pool solo/threads/eventlet?): run -P prefork, or BUS_BATCH_MAX=0")
+        check_pool(consumer, cap)
         check_result_backend(consumer.app, cap)
         check_visibility(consumer.app, cap)
         self.consumer, self.cap, self.handle = consumer, cap, consumer.on_task_request
@@ -162,6 +161,14 @@ def _call(request: Any, method: str, *args: Any, **kwargs: Any) -> None:
 def _limited(request: Any) -> bool:
     """A request with a time limit runs alone: a batch's limit would time out (and fail) all of its requests."""
     return any(request.time_limits) or bool(request.task.time_limit or request.task.soft_time_limit)
+
+
+def check_pool(consumer: Any, cap: int) -> None:
+    """Batches are jobs of billiard's prefork pool, handed out from the worker's event loop."""
+    pool = consumer.pool
+    if consumer.hub is None or not isinstance(pool, prefork.TaskPool):
+        raise ConfigurationError(f"BUS_BATCH_MAX={cap} needs the prefork pool's event loop; this worker runs "
+                                 f"{type(pool).__module__}.{type(pool).__name__}: run -P prefork, or BUS_BATCH_MAX=0")
 
 
 def check_result_backend(app: Any, cap: int) -> None:

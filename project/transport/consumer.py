@@ -16,6 +16,7 @@ from kombu.exceptions import ContentDisallowed
 from vine import promise
 
 from project.dead_letters import store as deadletters
+from project.errors import ConfigurationError
 from project.settings import load
 from project.store.engine import engine_for
 from project.transport.redis_transport import NOT_A_MESSAGE
@@ -31,9 +32,30 @@ class BusConsumer(Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cap = int(self.app.conf.get("bus_batch_max") or 0)
-        if cap > 1:  # batched execution, off by default
-            from project.transport.batching import Batcher
-            self.on_task_request = Batcher(self, cap)
+        if cap > 1:  # batched execution
+            self.on_task_request = self._batcher(cap)
+
+    def _batcher(self, cap: int) -> Any:
+        """The Batcher in front of `on_task_request`; where this worker cannot batch, the default falls back."""
+        from project.transport.batching import Batcher
+        try:
+            return Batcher(self, cap)
+        except ConfigurationError as exc:
+            if not self.app.conf.get("bus_batch_default"):
+                raise  # BUS_BATCH_MAX was set: the operator asked for batches this worker cannot run
+            logger.info("batched execution off (BUS_BATCH_MAX unset): %s", exc)
+            self._unbatched_prefetch()
+            return self.on_task_request
+
+    def _unbatched_prefetch(self) -> None:
+        """Reserve what an unbatched worker reserves (BUS_PREFETCH), not two batches per process."""
+        conf = self.app.conf
+        base = int(conf.get("bus_prefetch") or 1)
+        if self.prefetch_multiplier != conf.worker_prefetch_multiplier:
+            return  # set on the command line (--prefetch-multiplier): the operator's, kept
+        if self.initial_prefetch_count:
+            self.initial_prefetch_count = self.initial_prefetch_count // self.prefetch_multiplier * base
+        self.prefetch_multiplier = conf.worker_prefetch_multiplier = base
 
     def on_close(self) -> None:
         batcher = self.on_task_request if hasattr(self.on_task_request, "drop_waiting") else None

@@ -85,3 +85,25 @@ def test_concurrent_duplicates_on_the_threads_pool_run_the_handler_once(threaded
     assert threaded.rows("SELECT count(*) FROM orders WHERE order_id = :o", o=f"o-{uid}") == [(1,)]
     assert threaded.rows("SELECT count(*) FROM bus_dead_letters") == [(0,)]
     assert "concurrency: 4 (thread)" in threaded.worker.logfile.read_text()
+
+
+def test_a_threads_pool_worker_with_batching_unset_runs_unbatched_reserving_one_message_per_thread(threaded: Scenario):
+    # Given the threads-pool worker, BUS_BATCH_MAX unset on Redis (where batching is on by default)
+    worker = threaded.worker
+    # When it is asked what it reserves
+    stats = threaded.control.control.inspect(destination=[worker.hostname], timeout=5).stats()[worker.hostname]
+    # Then it fell back to unbatched execution (no prefork event loop), saying why, and reserves
+    # BUS_PREFETCH (1) per thread, not the two batches' worth a batching process reserves
+    log = worker.logfile.read_text()
+    assert "batched execution off (BUS_BATCH_MAX unset)" in log and "run -P prefork" in log
+    assert stats["prefetch_count"] == 4
+
+
+def test_an_explicit_batch_size_on_a_threads_pool_worker_refuses_to_start_naming_the_fix(
+        threaded: Scenario):
+    # Given BUS_BATCH_MAX=8 asked for explicitly, When a threads-pool worker starts
+    with pytest.raises(RuntimeError, match=r"exited") as refused:
+        threaded.start_worker(concurrency=2, pool="threads", name="threads-batched", env={"BUS_BATCH_MAX": "8"})
+    # Then it stops, naming the pool and both ways out
+    assert "BUS_BATCH_MAX=8 needs the prefork pool's event loop" in str(refused.value)
+    assert "run -P prefork, or BUS_BATCH_MAX=0" in str(refused.value)

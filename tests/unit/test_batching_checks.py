@@ -5,6 +5,7 @@ import pytest
 from celery import Celery
 
 from project.errors import ConfigurationError
+from project.settings import batch_max
 from project.transport.batching import check_result_backend, check_visibility
 
 
@@ -36,3 +37,23 @@ def test_batching_refuses_a_result_backend_whose_writes_it_cannot_hold_back():
     with pytest.raises(ConfigurationError, match="BUS_BATCH_MAX=8 needs a Redis result backend"):
         check_result_backend(app, 8)
     check_result_backend(app_with(result_backend="redis://127.0.0.1:6379/0"), 8)
+
+
+@pytest.mark.parametrize("backend, cap", [
+    ("redis://127.0.0.1:6379/0", 16), ("rediss://cache:6380/0", 16), ("redis+socket:///tmp/r.sock", 16),
+    ("sentinel://127.0.0.1:26379/0", 16), ("db+postgresql+psycopg://bus@db/bus", 0), ("rpc://", 0)])
+def test_unset_batching_is_on_with_a_redis_result_backend_only(backend: str, cap: int):
+    # Given BUS_BATCH_MAX unset, When the setting is read for this result backend
+    # Then batches of 16 where a batch can hold the result writes back, off elsewhere, and marked as the default
+    assert batch_max(backend, env={}) == (cap, True)
+
+
+def test_an_explicit_batch_size_is_kept_to_on_any_backend():
+    assert batch_max("redis://127.0.0.1:6379/0", env={"BUS_BATCH_MAX": "0"}) == (0, False)
+    assert batch_max("db+sqlite:///bus.db", env={"BUS_BATCH_MAX": " 8 "}) == (8, False)
+
+
+@pytest.mark.parametrize("raw", ["-1", "sixteen", "8.5"])
+def test_a_malformed_batch_size_stops_start_up_naming_the_setting_and_its_forms(raw: str):
+    with pytest.raises(ConfigurationError, match=r"BUS_BATCH_MAX=.* whole number >= 0 \(0 or 1: off\), or unset it"):
+        batch_max("redis://127.0.0.1:6379/0", env={"BUS_BATCH_MAX": raw})

@@ -119,8 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Redis: BUS_VISIBILITY_TIMEOUT of the workers (default: celeryconfig's; 30 with "
                              "--broker-outage, see below)")
     parser.add_argument("--batch-max", type=int, default=None,
-                        help="BUS_BATCH_MAX of the workers (batched execution); on RabbitMQ the results then go "
-                             "to a Redis database of this run (batching needs a Redis result backend)")
+                        help="BUS_BATCH_MAX of the workers (batched execution; default: the bus's, on with a Redis "
+                             "result backend; 0: off); above 1 on RabbitMQ the results go to a Redis database of this "
+                             "run (batching needs a Redis result backend)")
     parser.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
     parser.add_argument("--stall", type=float, default=30.0,
                         help="give up when nothing moved this long and nothing waits in the broker")
@@ -590,8 +591,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         visibility = args.visibility_timeout or (30 if args.broker_outage and not scenario.rabbitmq else None)
         if visibility:
             scenario.env["BUS_VISIBILITY_TIMEOUT"] = str(visibility)
-        if args.batch_max:
+        if args.batch_max is not None:
             scenario.env["BUS_BATCH_MAX"] = str(args.batch_max)
+        if (args.batch_max or 0) > 1:
             if not scenario.env.get("CELERY_RESULT_BACKEND", "").startswith("redis"):
                 from project.testing.isolation import claim_redis_db
                 number = claim_redis_db(scenario._cleanups)
@@ -684,7 +686,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figures["fulfilment"] = fulfilment_figures(scenario, shelves)
         figures["waiting_in_broker"] = queued(scenario, queues)
         figures.update(
-            broker=args.broker, db=args.db, batch_max=args.batch_max, kills=kills, kills_asked=args.kills, faults=faults,
+            broker=args.broker, db=args.db, batch_max=int(app.conf.get("bus_batch_max") or 0), kills=kills, kills_asked=args.kills, faults=faults,
             send_errors=len(send_errors), workers=len(workers), pool_processes_per_worker=args.concurrency,
             seconds_to_send=round(sent_at - started, 1), seconds_to_quiesce=round(quiesced - sent_at, 1),
             seconds_total=round(quiesced - started, 1),
@@ -727,7 +729,7 @@ def failed(figures: dict[str, Any]) -> list[str]:
 def show(figures: dict[str, Any]) -> None:
     rows = [
         ("broker / database", f"{figures['broker']} / {figures['db']}"
-                                + (f" (BUS_BATCH_MAX={figures['batch_max']})" if figures.get('batch_max') else "")),
+                                + f" (batches of up to {max(figures.get('batch_max') or 1, 1)})"),
         ("workers x pool processes", f"{figures['workers']} x {figures['pool_processes_per_worker']}"),
         ("pool processes SIGKILLed", figures["kills"]),
         ("other faults", "; ".join(figures["faults"]) or "-"),

@@ -42,8 +42,9 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 # A failed task is final (its outcome is stored and dead-lettered by the bus): ack it.
 task_acks_on_failure = True
-# One message reserved per process: a slow handler does not hold others hostage, and a
-# killed worker has at most one in-flight message per process to redeliver.
+# Unbatched, one message reserved per process: a slow handler does not hold others hostage, and a
+# killed worker has at most one in-flight message per process to redeliver. Batched (below), a slow
+# handler holds the rest of its batch: set BUS_BATCH_MAX=0 where handlers run for seconds.
 bus_prefetch = worker_prefetch_multiplier = _settings.env_int("BUS_PREFETCH", 1, minimum=1)
 # Batched execution (project/transport/batching.py): a pool process runs up to BUS_BATCH_MAX deliveries
 # in one transaction, a savepoint each; 0 or 1 turns it off. Unset, it is 16 with a Redis result backend

@@ -170,7 +170,8 @@ def render(report: dict[str, Any], console: Console) -> None:
     """The tables of a report."""
     meta = report["run"]
     console.print(f"[bold]bus bench[/bold] {meta['broker']} + {meta['db']}: pool {meta['pool']}, concurrency "
-                  f"{meta['concurrency']}, prefetch {meta['prefetch_multiplier']}, n={meta['n']}, "
+                  f"{meta['concurrency']}, prefetch {meta['prefetch_multiplier']}, batches of up to "
+                  f"{meta.get('batch_max') or 1}, n={meta['n']}, "
                   f"repeat {meta['repeat']} (medians); load {meta['load_before']} -> {meta['load_after']}")
     s = report["summary"]
     table = Table(title="throughput (messages completed per second)")
@@ -284,6 +285,7 @@ def run(options: Options, console: Console) -> dict[str, Any]:
                 "subscribers": options.subscribers, "latency_n": options.latency_n, "rate": options.rate,
                 "pool": options.pool, "concurrency": options.concurrency, "loglevel": options.loglevel,
                 "prefetch_multiplier": bus_config.worker_prefetch_multiplier,
+                "batch_max": getattr(bus_config, "bus_batch_max", 0),
                 "bus_settings": {name: getattr(bus_config, name, None) for name in BUS_SETTINGS},
                 "result_backend": inst.settings.result_backend.split(":", 1)[0], "bare_results": options.bare_results,
                 "load_before": load_before, "load_after": load_average(), "cpus": os.cpu_count(),

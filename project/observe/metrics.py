@@ -26,6 +26,9 @@ events):
   for, in a step that does not start one (ignored or dead-lettered: its `on_missing`);
 - bus_handler_duration_seconds: one delivery's run in the pool (validate, claim, handler,
   commit, publish).
+Per worker:
+- bus_batch_size: deliveries a pool process ran in one transaction (batched execution,
+  BUS_BATCH_MAX); batches of 1 under load mean the worker reads slower than it runs.
 Read at scrape time by the main process:
 - bus_outbox_backlog: outbox rows committed but not yet published;
 - bus_outbox_relay_lag_seconds: age of the oldest of them (0 when there is none);
@@ -89,6 +92,8 @@ def _get() -> SimpleNamespace | None:
                 duration=Histogram("bus_handler_duration_seconds",
                                    "Seconds one delivery ran in the pool (validate, claim, handler, commit).",
                                    ["task"]),
+                batch=Histogram("bus_batch_size", "Deliveries a pool process ran in one transaction.",
+                                buckets=(1, 2, 4, 8, 16, 32, 64)),
             )
     return _metrics
 
@@ -106,6 +111,13 @@ def process_unmatched(manager: str, event: str) -> None:
     metrics = _get()
     if metrics is not None:
         metrics.unmatched.labels(manager, event).inc()
+
+
+def batch_ran(size: int) -> None:
+    """A pool process ran a batch of `size` deliveries in one transaction."""
+    metrics = _get()
+    if metrics is not None:
+        metrics.batch.observe(size)
 
 
 def dead_lettered(task: str | None, reason: str) -> None:

@@ -20,10 +20,8 @@ batching.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import math
-import socket
 from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -99,7 +97,6 @@ class Batcher:
 
     def flush(self) -> None:
         """One job per free process, the waiting requests split evenly among them (at most `cap` each)."""
-        self._drain(self.cap * (self._processes() - self.running))  # arrivals meanwhile need no flush of their own
         self.scheduled = False
         while self.waiting and self.running < self._processes():
             free = self._processes() - self.running
@@ -113,29 +110,6 @@ class Batcher:
                     requests.append(request)
             if requests:
                 self._submit(requests)
-
-    def _drain(self, room: int) -> None:
-        """RabbitMQ: read the deliveries already in the socket before the flush, up to `room` waiting.
-
-        py-amqp hands the event loop one delivery per read, and a read is scheduled after the
-        flush, so without this a flush found one or two requests waiting and the batches stayed
-        small (docs/benchmarks.md). This reads only what has arrived: it never waits. (Redis
-        needs none: its fetch takes up to BUS_FETCH_MAX messages at once.)
-        """
-        connection = self.consumer.connection
-        if connection is None or getattr(connection.transport, "driver_type", "") != "amqp":
-            return
-        before = -1
-        while before < len(self.waiting) < room:  # stop when a read added nothing to wait (not a bus task)
-            before = len(self.waiting)
-            try:
-                connection.drain_events(timeout=0)
-            except socket.timeout:
-                return  # nothing more has arrived
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EINTR):
-                    return
-                raise  # the connection is lost: the consumer's error handling restarts it, as on its own read
 
     def _submit(self, requests: list[Any]) -> None:
         app = self.consumer.app

@@ -1,10 +1,12 @@
 """Concurrent duplicates: one key sent 20 times at once runs the handler once.
 
-Full matrix: embedded, Redis and RabbitMQ brokers, each with SQLite and PostgreSQL.
-The shared worker of the pair has 2 processes (-c 2) and a prefetch of 1, so the
-duplicates are claimed by both processes at the same time: the second claim of the
-key waits on the first one's transaction (PostgreSQL row lock, SQLite write lock),
-then finds its outcome.
+The cluster matrix (tests/integration/conftest.py): Redis and RabbitMQ with SQLite and PostgreSQL,
+the embedded broker with SQLite, quorum queues with PostgreSQL.
+The shared worker of the pair has 2 processes (-c 2), so the duplicates are claimed by
+both processes at the same time: the second claim of the key waits on the first one's
+transaction (PostgreSQL row lock, SQLite write lock), then finds its outcome. On the
+Redis pairs the worker batches (the default there): duplicates in one batch meet in one
+transaction, each in its own savepoint, and find the first one's claim.
 """
 from __future__ import annotations
 
@@ -47,19 +49,27 @@ def pool_processes_that_handled(log: str, key: str) -> set[str]:
 
 
 def test_a_burst_is_shared_by_both_worker_processes(cluster: Scenario, uid: str):
-    """The premise of the test above: the two processes really race for the key."""
+    """The premise of the test above: the two processes really race for the key.
+
+    Unbatched (RabbitMQ pairs), each process takes one delivery at a time, and every burst
+    is shared. Batched (Redis pairs, the default there), a burst is split between the two
+    processes' batches only when it arrives while both are free: up to 3 bursts, one must be.
+    """
     # Given the shared worker with 2 processes
-    key = f"checkout-{uid}"
-
-    # When one key is sent 20 times back to back
-    ids = cluster.client.burst(PLACE_ORDER, order(f"o-{uid}"), key, TIMES)
-    cluster.client.get(ids[0])
-    cluster.wait_for("19 absorbed duplicates", lambda: cluster.rows(
-        "SELECT 1 FROM bus_commands WHERE task = :t AND key = :k AND duplicates = :n",
-        t=PLACE_ORDER, k=key, n=TIMES - 1))
-
-    # Then both pool processes handled deliveries of it
-    assert pool_processes_that_handled(cluster.worker.logfile.read_text(), key) == {"ForkPoolWorker-1", "ForkPoolWorker-2"}
+    seen: list[set[str]] = []
+    for attempt in range(3):
+        key = f"checkout-{uid}-{attempt}"
+        # When one key is sent 20 times back to back
+        ids = cluster.client.burst(PLACE_ORDER, order(f"o-{uid}-{attempt}"), key, TIMES)
+        cluster.client.get(ids[0])
+        cluster.wait_for("19 absorbed duplicates", lambda: cluster.rows(
+            "SELECT 1 FROM bus_commands WHERE task = :t AND key = :k AND duplicates = :n",
+            t=PLACE_ORDER, k=key, n=TIMES - 1))
+        seen.append(pool_processes_that_handled(cluster.worker.logfile.read_text(), key))
+        if seen[-1] == {"ForkPoolWorker-1", "ForkPoolWorker-2"}:
+            break
+    # Then both pool processes handled deliveries of one key
+    assert {"ForkPoolWorker-1", "ForkPoolWorker-2"} in seen, seen
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

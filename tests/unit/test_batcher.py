@@ -10,7 +10,6 @@ would take messages and never run them. Real workers: tests/integration/test_bat
 from __future__ import annotations
 
 import itertools
-import socket
 from typing import Any, Callable
 
 import pytest
@@ -135,39 +134,3 @@ def test_a_job_still_in_the_pool_keeps_counting_after_a_flush(batcher):
     running.finish([("ok", n) for n in range(4)])
     assert batcher.running == 0
 
-
-class AmqpConnection:
-    """A RabbitMQ connection as the batcher drains it: each read hands the consumer one delivery already in
-    the socket, as py-amqp does; with nothing left, the read times out at once (timeout=0)."""
-
-    def __init__(self, batcher: Batcher, arrived: list[Request]) -> None:
-        self.transport = type("Transport", (), {"driver_type": "amqp"})()
-        self.batcher, self.arrived, self.reads = batcher, arrived, []
-
-    def drain_events(self, timeout: float | None = None) -> None:
-        self.reads.append(timeout)
-        if not self.arrived:
-            raise socket.timeout()
-        self.batcher(self.arrived.pop(0))
-
-
-def test_on_rabbitmq_a_flush_first_reads_the_deliveries_already_in_the_socket(batcher):
-    # Given a RabbitMQ worker whose event loop has read one delivery, with 8 more in its socket
-    in_socket = [Request(task(), n) for n in range(1, 9)]
-    batcher.consumer.connection = connection = AmqpConnection(batcher, in_socket)
-    batcher(Request(task(), 0))
-    # When the flush runs on the next tick
-    batcher.consumer.hub.tick()
-    # Then it read, without waiting, what both processes' batches can hold (2 x 4), and handed it out as two
-    # full batches instead of a batch of one; the ninth stays in the socket for the event loop's own read
-    assert [len(items) for _, items in batcher.consumer.pool.jobs] == [4, 4]
-    assert connection.reads == [0] * 7 and len(in_socket) == 1
-
-
-def test_on_rabbitmq_a_flush_with_an_empty_socket_goes_out_at_once(batcher):
-    # Given one delivery read and nothing else in the socket
-    batcher.consumer.connection = connection = AmqpConnection(batcher, [])
-    batcher(Request(task(), 0))
-    # When the flush runs, Then it tried one read, which returned at once, and the delivery went out alone
-    batcher.consumer.hub.tick()
-    assert [len(items) for _, items in batcher.consumer.pool.jobs] == [1] and connection.reads == [0]

@@ -686,7 +686,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figures["fulfilment"] = fulfilment_figures(scenario, shelves)
         figures["waiting_in_broker"] = queued(scenario, queues)
         figures.update(
-            broker=args.broker, db=args.db, batch_max=int(app.conf.get("bus_batch_max") or 0), kills=kills, kills_asked=args.kills, faults=faults,
+            broker=args.broker, db=args.db, batch_max=int(app.conf.get("bus_batch_max") or 0),
+            kills=kills, kills_asked=args.kills, faults=faults,
             send_errors=len(send_errors), workers=len(workers), pool_processes_per_worker=args.concurrency,
             seconds_to_send=round(sent_at - started, 1), seconds_to_quiesce=round(quiesced - sent_at, 1),
             seconds_total=round(quiesced - started, 1),

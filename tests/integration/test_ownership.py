@@ -30,6 +30,8 @@ ROGUE_HANDLER = "tests.integration.support.rogue_tasks.place_order_elsewhere"
 LEASE = f"owner:{PLACE_ORDER}"
 #: simultaneous starts per broker in the race test (each round costs one worker start, about 5 s)
 ROUNDS = 2
+#: tests of the lease alone (the database's; the broker plays no part in taking it over): Redis only, for CI time
+LEASE_ONLY = pytest.mark.parametrize("broker", ["redis"])
 
 
 @pytest.fixture(scope="module", params=["redis", "amqp"])
@@ -211,8 +213,7 @@ def test_two_workers_with_different_handlers_started_at_once_exactly_one_serves(
             lease.release(fresh.engine(), held.name)
 
 
-# the lease is the database's (the broker plays no part in taking it over): Redis only, for CI time
-@pytest.mark.parametrize("broker", ["redis"])
+@LEASE_ONLY
 def test_an_expired_lease_of_another_handler_is_taken_over_at_start(fresh):
     # Given an owner lease of orders.place_order, held by another handler, that expired an hour ago
     long_ago = utcnow() - timedelta(hours=2)
@@ -233,8 +234,7 @@ def test_an_expired_lease_of_another_handler_is_taken_over_at_start(fresh):
     assert ROGUE_HANDLER in log and "gone@elsewhere" in log
 
 
-# the lease is the database's (the broker plays no part in taking it over): Redis only, for CI time
-@pytest.mark.parametrize("broker", ["redis"])
+@LEASE_ONLY
 def test_bus_owners_release_lets_a_renamed_handler_start(fresh):
     # Given a worker with the real handler that ran and stopped (its lease lives on until it expires)
     fresh.stop_worker(fresh.start_worker(name="old"))

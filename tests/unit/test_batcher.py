@@ -73,8 +73,7 @@ class Request:
 @pytest.fixture
 def batcher() -> Batcher:
     app = Celery("batcher", broker="memory://", backend="redis://127.0.0.1:6379/15", set_as_current=False)
-    consumer = type("Consumer", (), {"app": app, "hub": Loop(), "pool": Pool(), "on_task_request": print,
-                                     "connection": None})()
+    consumer = type("Consumer", (), {"app": app, "hub": Loop(), "pool": Pool(), "on_task_request": print})()
     return Batcher(consumer, cap=4)
 
 
@@ -133,4 +132,3 @@ def test_a_job_still_in_the_pool_keeps_counting_after_a_flush(batcher):
     assert batcher.running == 1
     running.finish([("ok", n) for n in range(4)])
     assert batcher.running == 0
-
